@@ -1,0 +1,131 @@
+"""Self-describing checkpoints, written atomically and loaded safely.
+
+A checkpoint is one `torch.save` file holding only tensors and plain values, so it is
+read with `weights_only=True` (a file crafted to run code when unpickled is refused):
+
+    format        "nmt-checkpoint-1"
+    model_config  the Seq2Seq constructor arguments (rebuilds the model alone)
+    model         the state dict
+    src_spm       serialized sentencepiece model of the source side (bytes)
+    trg_spm       same for the target side (equal bytes when the vocabulary is joint)
+    max_src_len   longest source (in pieces) the model was trained on
+    recipe        the fully resolved recipe (plain dict)
+    versions      nmt, torch, sentencepiece, sacrebleu versions that wrote it
+    step, epoch   training progress when it was written
+    metrics       validation scores at that step (may be empty)
+    train_state   optimizer, schedule, RNG and data-order state (last checkpoint only)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "nmt-checkpoint-1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def package_versions() -> dict[str, str]:
+    import sacrebleu
+    import sentencepiece
+
+    import nmt
+
+    return {
+        "nmt": nmt.__version__,
+        "torch": str(torch.__version__),
+        "sentencepiece": str(sentencepiece.__version__),
+        "sacrebleu": str(sacrebleu.__version__),
+    }
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "versions": package_versions(), **payload}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check a checkpoint; any problem is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused to load (not a plain nmt checkpoint: {first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an nmt checkpoint")
+    for key in ("model_config", "model", "src_spm", "trg_spm", "recipe"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return payload
+
+
+@dataclass
+class LoadedModel:
+    """What decoding needs, rebuilt from a checkpoint alone."""
+
+    model: torch.nn.Module
+    src_tok: Any
+    trg_tok: Any
+    max_src_len: int
+    recipe: Any
+    path: Path
+    payload: dict
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild model and tokenizers from a checkpoint file (eval mode, on `device`)."""
+    from nmt.data.tokenizer import Tokenizer
+    from nmt.model import Seq2Seq
+    from nmt.recipe import RecipeError, recipe_from_dict
+
+    payload = load_checkpoint(path)
+    try:
+        model = Seq2Seq(**payload["model_config"])
+        model.load_state_dict(payload["model"])
+        recipe = recipe_from_dict(payload["recipe"], where=f"{path} (stored recipe)")
+        src_tok = Tokenizer.from_bytes(payload["src_spm"])
+        trg_tok = src_tok if payload["trg_spm"] == payload["src_spm"] else Tokenizer.from_bytes(payload["trg_spm"])
+    except (TypeError, ValueError, RuntimeError, RecipeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot rebuild the model: {first[:200]}") from None
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        src_tok=src_tok,
+        trg_tok=trg_tok,
+        max_src_len=int(payload.get("max_src_len", recipe.data.max_len)),
+        recipe=recipe,
+        path=Path(path),
+        payload=payload,
+    )

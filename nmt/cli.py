@@ -1,0 +1,228 @@
+"""The `nmt` command: parses options, calls one library function, prints.
+
+Data goes to stdout; logs, warnings and progress to stderr. Every expected failure is a
+one-line `error: ...` on stderr with a non-zero exit: 2 for a bad recipe or option,
+1 for anything else (missing data, corrupt checkpoint, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention).",
+)
+
+DEFAULT_RECIPE = Path("recipes/multi30k.yaml")
+
+RecipeArg = typer.Argument(DEFAULT_RECIPE, help="recipe YAML file", show_default=True)
+SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=0.0005 (repeatable)")
+RunDirOpt = typer.Option(None, "--run-dir", help="run folder [default: runs/<recipe name>]")
+DataDirOpt = typer.Option(
+    None, "--data-dir", envvar="NMT_DATA_DIR",
+    help="local mirror of the corpus: files {split}.{lang}[.gz] (env NMT_DATA_DIR)",
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda")
+
+
+def fail(message: str, code: int = 1):
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _load(recipe_path: Path, overrides: list[str]):
+    from nmt.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe_path, overrides)
+    except RecipeError as e:
+        fail(str(e), 2)
+
+
+def _run_dir(recipe, run_dir: Optional[Path]) -> Path:
+    from nmt.runs import default_run_dir
+
+    return run_dir if run_dir is not None else default_run_dir(recipe)
+
+
+def _device(name: str):
+    from nmt.train_utils import pick_device
+
+    if name not in ("auto", "cpu", "cuda"):
+        fail(f"--device: expected auto, cpu or cuda, got {name!r}", 2)
+    try:
+        return pick_device(name)
+    except ValueError as e:
+        fail(str(e), 2)
+
+
+def _guard(fn):
+    """Run fn, turning the toolkit's own errors into one-line messages."""
+    from nmt.checkpoint import CheckpointError
+    from nmt.data.preprocess import DataError
+    from nmt.runs import RunError
+    from nmt.train import TrainError
+
+    try:
+        return fn()
+    except (DataError, CheckpointError, RunError, TrainError) as e:
+        fail(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        fail(f"{where}{e.strerror or e}")
+
+
+@app.command()
+def recipe(recipe_path: Path = RecipeArg, overrides: List[str] = SetOpt):
+    """Print the fully resolved recipe (every key, defaults filled in, with its help)."""
+    from nmt.recipe import dump_recipe
+
+    sys.stdout.write(dump_recipe(_load(recipe_path, overrides)))
+
+
+@app.command()
+def preprocess(
+    recipe_path: Path = RecipeArg,
+    overrides: List[str] = SetOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    force: bool = typer.Option(False, "--force", help="redo every step even if up to date"),
+):
+    """Fetch the corpus, clean it, train sentencepiece and encode every split."""
+    from nmt.data.preprocess import preprocess as run
+
+    r = _load(recipe_path, overrides)
+    _guard(lambda: run(r, _run_dir(r, run_dir), data_dir=data_dir, force=force))
+
+
+@app.command()
+def train(
+    recipe_path: Path = typer.Argument(..., help="recipe YAML file"),
+    overrides: List[str] = SetOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    device: str = DeviceOpt,
+    restart: bool = typer.Option(False, "--restart", help="start afresh; earlier checkpoints are moved to old-<time>/"),
+):
+    """Train a model (preprocessing first if needed); resumes a run folder's last checkpoint."""
+    from nmt.train import train as run
+
+    r = _load(recipe_path, overrides)
+    dev = _device(device)
+    result = _guard(lambda: run(r, _run_dir(r, run_dir), device=str(dev), restart=restart, data_dir=data_dir))
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def translate(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="run folder or checkpoint [default: the latest trained run]"),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="read this file instead of stdin"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write this file instead of stdout"),
+    beam_size: Optional[int] = typer.Option(None, "--beam-size", "-b", min=1, help="beam size, 1 = greedy [default: recipe]"),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", min=0.0, help="GNMT alpha [default: recipe]"),
+    max_len_ratio: Optional[float] = typer.Option(None, "--max-len-ratio", min=0.0, help="output length limit = ratio x source length + recipe's max_len_b [default: recipe]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="sentences per batch [default: recipe]"),
+    nbest: int = typer.Option(1, "--nbest", min=1, help="write N hypotheses per line as INDEX<TAB>RANK<TAB>SCORE<TAB>TEXT"),
+    device: str = DeviceOpt,
+):
+    """Translate lines from stdin (or --input) to stdout (or --output), one line per line."""
+    from nmt.checkpoint import atomic_write, load_model
+    from nmt.runs import resolve_model
+    from nmt.translate import SearchOptions, Translator, read_lines, translate_stream
+
+    dev = _device(device)
+    loaded = _guard(lambda: load_model(resolve_model(model), dev))
+    opts = SearchOptions.from_recipe(
+        loaded.recipe.decode, beam_size=beam_size, length_penalty=length_penalty,
+        max_len_a=max_len_ratio, batch_size=batch_size, nbest=nbest,
+    )
+    if nbest > opts.beam_size:
+        opts = SearchOptions(**{**vars(opts), "beam_size": nbest})
+    translator = Translator(loaded, opts, dev)
+    print(f"model: {loaded.path}", file=sys.stderr)
+
+    if input is None and output is None and sys.stdin.isatty():
+        _interactive(translator)
+        return
+
+    def run(out) -> int:
+        if input is None:
+            return translate_stream(translator, read_lines(sys.stdin.buffer), out, nbest=nbest)
+        with open(input, "rb") as f:
+            return translate_stream(translator, read_lines(f), out, nbest=nbest)
+
+    if output is None:
+        _guard(lambda: run(sys.stdout))
+    else:
+        def write(tmp: Path):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+                run(out)
+
+        _guard(lambda: atomic_write(output, write))
+
+
+def _interactive(translator) -> None:
+    print("Type a sentence and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        print(translator.translate_lines([line])[0])
+
+
+@app.command()
+def evaluate(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="run folder or checkpoint [default: the latest trained run]"),
+    split: List[str] = typer.Option([], "--split", help="test split to evaluate (repeatable) [default: all the run has]"),
+    src: Optional[Path] = typer.Option(None, "--src", help="score on this source file (with --ref)"),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="reference translations of --src"),
+    beam_size: Optional[int] = typer.Option(None, "--beam-size", "-b", min=1, help="beam size [default: recipe]"),
+    device: str = DeviceOpt,
+):
+    """Translate test splits (or --src) and print BLEU, chrF2, TER with sacreBLEU signatures."""
+    from nmt.checkpoint import load_model
+    from nmt.evaluate import evaluate_pairs, format_table
+    from nmt.runs import data_dir_of, resolve_model, test_splits_of
+    from nmt.translate import SearchOptions, Translator
+
+    if (src is None) != (ref is None):
+        fail("--src and --ref go together", 2)
+    dev = _device(device)
+    ckpt = _guard(lambda: resolve_model(model))
+    loaded = _guard(lambda: load_model(ckpt, dev))
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode, beam_size=beam_size), dev)
+    if src is not None:
+        pairs = [(src.name, src, ref)]
+        out_dir = None
+    else:
+        data = data_dir_of(run_dir)
+        available = test_splits_of(run_dir)
+        chosen = split or available
+        missing = [s for s in chosen if s not in available]
+        if missing:
+            fail(f"split {missing[0]!r} not in {data} (available: {', '.join(available) or 'none'})", 2)
+        if not chosen:
+            fail(f"no test splits in {data}; use --src FILE --ref FILE", 2)
+        pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in chosen]
+        out_dir = run_dir / "eval"
+
+    def run():
+        try:
+            return evaluate_pairs(translator, pairs, out_dir)
+        except ValueError as e:
+            fail(str(e))
+
+    rows = _guard(run)
+    print(format_table(rows))

@@ -1,0 +1,104 @@
+"""Token-based batches with length bucketing, and collation into padded tensors.
+
+Every epoch's batch order is a pure function of (seed, epoch), so a resumed or
+distributed run recomputes exactly the batches it would have seen; nothing about data
+order needs to be stored beyond the epoch and the position inside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def batch_cost(n_sentences: int, longest_src: int, longest_trg: int) -> int:
+    """Padded tokens of a batch: sentences x the longer side (+1 for eos / bos)."""
+    return n_sentences * (max(longest_src, longest_trg) + 1)
+
+
+def token_batches(
+    src_lengths: np.ndarray,
+    trg_lengths: np.ndarray,
+    *,
+    batch_tokens: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[np.ndarray]:
+    """Split a corpus into batches of at most `batch_tokens` padded tokens.
+
+    Sentences are sorted by (target length, source length) with random tie-breaking, so
+    neighbours have nearly equal lengths and padding is small; batches are cut greedily
+    and then shuffled. With `world_size` > 1, rank r takes batches r, r + world_size, ...
+    of the same order (the tail that does not divide evenly is dropped).
+
+    Args:
+        src_lengths: [N] source lengths in pieces (without eos)
+        trg_lengths: [N] target lengths in pieces (without bos/eos)
+    Returns:
+        a list of index arrays into the corpus
+    """
+    src_lengths = np.asarray(src_lengths, dtype=np.int64)
+    trg_lengths = np.asarray(trg_lengths, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    tiebreak = rng.permutation(len(src_lengths)) if shuffle else np.arange(len(src_lengths))
+    order = np.lexsort((tiebreak, src_lengths, trg_lengths))
+
+    batches: list[np.ndarray] = []
+    start, longest = 0, 0
+    for i, idx in enumerate(order):
+        longest_now = max(longest, int(src_lengths[idx]), int(trg_lengths[idx]))
+        if i > start and batch_cost(i - start + 1, longest_now, 0) > batch_tokens:
+            batches.append(order[start:i])
+            start, longest_now = i, max(int(src_lengths[idx]), int(trg_lengths[idx]))
+        longest = longest_now
+    if start < len(order):
+        batches.append(order[start:])
+
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    if world_size > 1:
+        usable = len(batches) - len(batches) % world_size
+        batches = batches[rank:usable:world_size]
+    return batches
+
+
+def pad(seqs: list[np.ndarray], *, prefix: int | None = None, suffix: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id sequences into a [batch x max_len] LongTensor, with optional bos/eos.
+
+    Returns:
+        ids: [B, T] padded with PAD_ID
+        lengths: [B] lengths including the added prefix/suffix
+    """
+    extra = (prefix is not None) + (suffix is not None)
+    lengths = torch.tensor([len(s) + extra for s in seqs], dtype=torch.long)
+    ids = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0), PAD_ID, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        col = 0
+        if prefix is not None:
+            ids[row, 0] = prefix
+            col = 1
+        if len(seq):
+            ids[row, col : col + len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        if suffix is not None:
+            ids[row, col + len(seq)] = suffix
+    return ids, lengths
+
+
+def collate(corpus, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """Tensors for one training batch.
+
+    Returns:
+        src: [B, S] source ids + eos, padded; src_lengths: [B]
+        trg_in: [B, T] bos + target ids (decoder inputs)
+        trg_out: [B, T] target ids + eos (what the decoder must predict)
+    """
+    src, src_lengths = pad([corpus.src(int(i)) for i in indices], suffix=EOS_ID)
+    trg = [corpus.trg(int(i)) for i in indices]
+    trg_in, _ = pad(trg, prefix=BOS_ID)
+    trg_out, _ = pad(trg, suffix=EOS_ID)
+    return {"src": src, "src_lengths": src_lengths, "trg_in": trg_in, "trg_out": trg_out}

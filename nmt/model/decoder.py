@@ -1,0 +1,188 @@
+"""Attentional GRU decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.model.attention import AdditiveAttention
+from nmt.model.gru import CELLS, make_gru_cell
+
+INIT_STATES = ("bridge", "mean", "zero")
+
+
+class Decoder(nn.Module):
+    """Predicts the next target word from the previous one, the source and its state.
+
+    One step i (Bahdanau et al. 2015, section 3.1 and appendix A.2.2):
+
+    1. context ``c_i = attention(s_{i-1}, h)`` from the previous top-layer state;
+    2. new states ``s_i = GRU([E y_{i-1}; c_i], s_{i-1})`` in layer 1, each higher
+       layer reading the new state of the layer below;
+    3. deep output (Pascanu et al. 2014) ``t_i = tanh(W_t [s_i; E y_{i-1}; c_i] + b_t)``,
+       or with ``maxout`` a linear map to ``2 * out_dim`` and a max over pairs
+       (appendix A.2.2), then hidden dropout and ``logits_i = W_o t_i + b_o``.
+
+    In teacher forcing only steps 1 and 2 run in the time loop: the embeddings'
+    share of the layer-1 gates is projected for all steps in one matmul beforehand,
+    and step 3 runs on all steps at once afterwards.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        emb_dim: int,
+        annotation_size: int,
+        hidden_size: int,
+        layers: int = 1,
+        attn_dim: int = 512,
+        out_dim: int = 256,
+        maxout: bool = False,
+        cell: str = "fused",
+        init_state: str = "bridge",
+        dropout_emb: float = 0.0,
+        dropout_hidden: float = 0.0,
+        pad_id: int = 0,
+    ) -> None:
+        """
+        :param vocab_size: target vocabulary size
+        :param emb_dim: target word embedding size
+        :param annotation_size: size of the encoder annotations h_j (2 * encoder hidden)
+        :param hidden_size: decoder state size, every layer
+        :param layers: number of stacked GRU layers
+        :param attn_dim: hidden size of the alignment model
+        :param out_dim: size of the deep output t_i
+        :param maxout: maxout with pool size 2 in the deep output instead of tanh
+        :param cell: ``"fused"`` or ``"exact"`` (see :mod:`nmt.model.gru`)
+        :param init_state: ``"bridge"``, ``"mean"`` or ``"zero"`` (see :meth:`init_state`)
+        :param dropout_emb: dropout on the target word embeddings
+        :param dropout_hidden: dropout on t_i and between stacked layers
+        :param pad_id: padding token id (its embedding stays zero)
+        """
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        if init_state not in INIT_STATES:
+            raise ValueError(f"init_state must be one of {INIT_STATES}, got {init_state!r}")
+        self.emb_dim = emb_dim
+        self.hidden_size = hidden_size
+        self.layers = layers
+        self.out_dim = out_dim
+        self.maxout = maxout
+        self.init_state_kind = init_state
+        self.dropout_emb = dropout_emb
+        self.dropout_hidden = dropout_hidden
+
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        self.attention = AdditiveAttention(annotation_size, hidden_size, attn_dim)
+        sizes = [emb_dim + annotation_size] + [hidden_size] * (layers - 1)
+        self.cells = nn.ModuleList(make_gru_cell(cell, n, hidden_size) for n in sizes)
+        if init_state == "bridge":  # W_s backward h_1; backward states are half the annotation
+            self.bridge = nn.Linear(annotation_size // 2, layers * hidden_size)
+        elif init_state == "mean":  # W_s mean_j h_j
+            self.bridge = nn.Linear(annotation_size, layers * hidden_size)
+        pool = 2 if maxout else 1
+        self.deep_output = nn.Linear(hidden_size + emb_dim + annotation_size, pool * out_dim)
+        self.output_layer = nn.Linear(out_dim, vocab_size)  # W_o
+
+    def init_state(self, annotations: Tensor, backward_h1: Tensor, src_mask: Tensor) -> Tensor:
+        """The initial state s_0 of every layer.
+
+        ``bridge``: ``tanh(W_s backward_h_1)`` (appendix A.2.2); ``mean``:
+        ``tanh(W_s mean_j h_j)`` over real tokens; ``zero``: zeros.
+
+        :param annotations: ``[batch, src_len, annotation_size]``
+        :param backward_h1: ``[batch, annotation_size / 2]`` final backward encoder state
+        :param src_mask: ``[batch, src_len]`` bool, True on real tokens
+        :return: ``[layers, batch, hidden]``
+        """
+        batch_size = annotations.size(0)
+        if self.init_state_kind == "zero":
+            return annotations.new_zeros(self.layers, batch_size, self.hidden_size)
+        if self.init_state_kind == "bridge":
+            summary = backward_h1  # batch x annotation_size/2
+        else:
+            mask = src_mask.unsqueeze(2).type_as(annotations)  # batch x src_len x 1
+            summary = (annotations * mask).sum(1) / mask.sum(1)  # batch x annotation_size
+        state = torch.tanh(self.bridge(summary))  # batch x layers*hidden
+        return state.view(batch_size, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+
+    def forward(
+        self, trg_in: Tensor, state: Tensor, keys: Tensor, annotations: Tensor, src_mask: Tensor
+    ) -> Tensor:
+        """Teacher forcing over whole target sentences.
+
+        :param trg_in: ``[batch, trg_len]`` previous words y_{i-1} (bos first)
+        :param state: ``[layers, batch, hidden]`` initial state from :meth:`init_state`
+        :param keys: ``[batch, src_len, attn_dim]`` precomputed ``U_a h_j``
+        :param annotations: ``[batch, src_len, annotation_size]``
+        :param src_mask: ``[batch, src_len]`` bool, True on real tokens
+        :return: logits ``[batch, trg_len, vocab]``
+        """
+        emb = self.embed(trg_in)  # batch x trg_len x emb
+        emb = F.dropout(emb, self.dropout_emb, self.training)
+        emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x 3*hidden
+        states, contexts = [], []
+        for i in range(trg_in.size(1)):
+            state, context, _ = self._recur(emb_gates[:, i], state, keys, annotations, src_mask)
+            states.append(state[-1])
+            contexts.append(context)
+        states = torch.stack(states, dim=1)  # batch x trg_len x hidden
+        contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
+        return self._output(states, emb, contexts)
+
+    def step(
+        self,
+        prev_tokens: Tensor,
+        state: Tensor,
+        keys: Tensor,
+        annotations: Tensor,
+        src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoding step.
+
+        :param prev_tokens: ``[batch]`` previous words y_{i-1}
+        :param state: ``[layers, batch, hidden]`` previous states s_{i-1}
+        :param keys: ``[batch, src_len, attn_dim]``
+        :param annotations: ``[batch, src_len, annotation_size]``
+        :param src_mask: ``[batch, src_len]`` bool, True on real tokens
+        :return: logits ``[batch, vocab]``, new states ``[layers, batch, hidden]`` and
+            attention weights ``[batch, src_len]``
+        """
+        emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
+        emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
+        state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask)
+        return self._output(state[-1], emb, context), state, weights
+
+    def _recur(
+        self, emb_gates: Tensor, state: Tensor, keys: Tensor, annotations: Tensor, src_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Steps 1 and 2: attention from s_{i-1}, then the stacked GRU update.
+
+        :param emb_gates: ``[batch, 3 * hidden]`` layer-1 gates from E y_{i-1} (with bias)
+        :param state: ``[layers, batch, hidden]`` s_{i-1}
+        :return: s_i ``[layers, batch, hidden]``, c_i ``[batch, annotation_size]``,
+            a_i ``[batch, src_len]``
+        """
+        context, weights = self.attention(state[-1], keys, annotations, src_mask)
+        gates = emb_gates + self.cells[0].project_input(context, offset=self.emb_dim, bias=False)
+        new_states = [self.cells[0].step(gates, state[0])]  # layer 1 reads [E y_{i-1}; c_i]
+        for layer in range(1, self.layers):
+            below = F.dropout(new_states[-1], self.dropout_hidden, self.training)
+            new_states.append(self.cells[layer](below, state[layer]))
+        return torch.stack(new_states), context, weights
+
+    def _output(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        """Step 3, the deep output and the output projection, for any leading shape.
+
+        :param state: ``[..., hidden]`` top-layer s_i
+        :param emb: ``[..., emb_dim]`` E y_{i-1}
+        :param context: ``[..., annotation_size]`` c_i
+        :return: logits ``[..., vocab]``
+        """
+        t = self.deep_output(torch.cat([state, emb, context], dim=-1))
+        if self.maxout:  # max over pairs of units (Goodfellow et al. 2013)
+            t = t.unflatten(-1, (self.out_dim, 2)).amax(-1)
+        else:
+            t = torch.tanh(t)  # ... x out_dim
+        t = F.dropout(t, self.dropout_hidden, self.training)
+        return self.output_layer(t)

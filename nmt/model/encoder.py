@@ -1,0 +1,95 @@
+"""Bidirectional GRU encoder (Bahdanau et al. 2015, section 3.2 and appendix A.2.1)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from nmt.model.gru import CELLS, make_gru_cell, run_gru
+
+
+class Encoder(nn.Module):
+    """Embeds a source sentence and reads it in both directions.
+
+    The annotation of word j is ``h_j = [forward h_j ; backward h_j]`` (section 3.2),
+    taken from the top of ``layers`` stacked bidirectional layers; layer l > 1 reads
+    the concatenated annotations of layer l - 1, with dropout in between.
+
+    ``cell="fused"`` runs ``torch.nn.GRU`` over packed sequences (cuDNN on GPU);
+    ``cell="exact"`` runs :class:`~nmt.model.gru.ExactGRUCell` in a masked time loop.
+    Either way padding does not change a sentence's annotations.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        emb_dim: int,
+        hidden_size: int,
+        layers: int = 1,
+        cell: str = "fused",
+        dropout_emb: float = 0.0,
+        dropout_hidden: float = 0.0,
+        pad_id: int = 0,
+    ) -> None:
+        """
+        :param vocab_size: source vocabulary size
+        :param emb_dim: word embedding size
+        :param hidden_size: GRU state size per direction (annotations are twice this)
+        :param layers: number of stacked bidirectional layers
+        :param cell: ``"fused"`` or ``"exact"`` (see :mod:`nmt.model.gru`)
+        :param dropout_emb: dropout on the word embeddings
+        :param dropout_hidden: dropout between stacked layers
+        :param pad_id: padding token id (its embedding stays zero)
+        """
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        self.cell = cell
+        self.hidden_size = hidden_size
+        self.layers = layers
+        self.dropout_emb = dropout_emb
+        self.dropout_hidden = dropout_hidden
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        if cell == "fused":
+            self.rnn = nn.GRU(
+                emb_dim,
+                hidden_size,
+                num_layers=layers,
+                bidirectional=True,
+                batch_first=True,
+                dropout=dropout_hidden if layers > 1 else 0.0,
+            )
+        else:
+            sizes = [emb_dim] + [2 * hidden_size] * (layers - 1)
+            self.forward_cells = nn.ModuleList(make_gru_cell(cell, n, hidden_size) for n in sizes)
+            self.backward_cells = nn.ModuleList(make_gru_cell(cell, n, hidden_size) for n in sizes)
+
+    def forward(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode a right-padded batch.
+
+        :param src: ``[batch, src_len]`` token ids, right-padded
+        :param src_lengths: ``[batch]`` number of real tokens per sentence (>= 1)
+        :return: annotations ``[batch, src_len, 2 * hidden]`` (zero on padding) and the
+            top layer's final backward state ``[batch, hidden]``, i.e. backward h_1,
+            from which the decoder's initial state is computed (appendix A.2.2)
+        """
+        x = F.dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
+        if self.cell == "fused":
+            return self._encode_fused(x, src_lengths)
+        mask = torch.arange(src.size(1), device=src.device) < src_lengths.unsqueeze(1)
+        return self._encode_exact(x, mask)
+
+    def _encode_fused(self, x: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed_out, h_n = self.rnn(packed)  # h_n: (layers * 2) x batch x hidden
+        annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=x.size(1))
+        return annotations, h_n[-1]  # the top layer's backward direction comes last
+
+    def _encode_exact(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        for layer, (fwd, bwd) in enumerate(zip(self.forward_cells, self.backward_cells)):
+            if layer > 0:
+                x = F.dropout(x, self.dropout_hidden, self.training)
+            forward_states, _ = run_gru(fwd, fwd.project_input(x), mask)
+            backward_states, backward_h1 = run_gru(bwd, bwd.project_input(x), mask, reverse=True)
+            x = torch.cat([forward_states, backward_states], dim=2)  # batch x src_len x 2*hidden
+        return x, backward_h1

@@ -1,0 +1,185 @@
+"""Gated recurrent units: the exact cell of Cho et al. (2014) and PyTorch's fused variant.
+
+Both cells share one small interface, so the encoder and decoder choose between them
+with a single ``cell: str`` argument:
+
+* ``project_input(x, offset=0, bias=True)`` -- the input half of every gate,
+  ``W_x x``. It is linear in ``x``, so it is computed for a whole sequence in one
+  matmul *outside* the time loop, and a concatenated input ``[x1; x2]`` may be
+  projected piece by piece (``offset`` names the first input column of the piece).
+* ``step(gates_x, h)`` -- one time step given the precomputed input gates; only the
+  recurrent matmuls and the elementwise gate arithmetic happen here.
+* ``forward(x, h)`` -- ``step(project_input(x), h)``, for convenience.
+
+The two cells differ in where the reset gate acts (Cho et al. 2014, eq. 5-8, versus
+the cuDNN / ``torch.nn.GRU`` formulation): the exact cell resets ``h`` *before* the
+recurrent product, ``W (r * h)``; the fused cell resets *after* it, ``r * (W h + b)``,
+which lets one matmul ``W_hh h`` serve all three gates.
+
+``run_gru`` drives a cell over a right-padded batch, carrying the state unchanged
+through padding.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CELLS = ("exact", "fused")
+
+
+class ExactGRUCell(nn.Module):
+    """The gated recurrent unit exactly as in Cho et al. (2014), section 2.3::
+
+        z_t  = sigmoid(W_z [h_{t-1}, x_t] + b_z)          update gate
+        r_t  = sigmoid(W_r [h_{t-1}, x_t] + b_r)          reset gate
+        h~_t = tanh(W [r_t * h_{t-1}, x_t] + b)           candidate
+        h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
+
+    Each ``W`` is split into its input columns (rows of ``weight_ih``, gate order
+    z, r, candidate) and its recurrent columns (rows of ``weight_hh``, same order);
+    the biases belong to the input projection.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(3 * hidden_size))
+        bound = hidden_size**-0.5
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+
+    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
+        """Input half of the gates, ``W_x x + b``.
+
+        :param x: ``[..., n]`` input (or the piece of a concatenated input that
+            occupies input columns ``offset .. offset + n``)
+        :param offset: first input column that ``x`` occupies
+        :param bias: add the gate biases (add them once per concatenated input)
+        :return: ``[..., 3 * hidden]`` gates, order z, r, candidate
+        """
+        weight = self.weight_ih[:, offset : offset + x.size(-1)]
+        return F.linear(x, weight, self.bias if bias else None)
+
+    def step(self, gates_x: Tensor, h: Tensor) -> Tensor:
+        """One step of Cho et al. (2014) eq. 5-8.
+
+        :param gates_x: ``[batch, 3 * hidden]`` from ``project_input``
+        :param h: ``[batch, hidden]`` previous state h_{t-1}
+        :return: ``[batch, hidden]`` new state h_t
+        """
+        n = self.hidden_size
+        x_z, x_r, x_n = gates_x.chunk(3, dim=-1)
+        h_z, h_r = F.linear(h, self.weight_hh[: 2 * n]).chunk(2, dim=-1)
+        z = torch.sigmoid(x_z + h_z)
+        r = torch.sigmoid(x_r + h_r)
+        candidate = torch.tanh(x_n + F.linear(r * h, self.weight_hh[2 * n :]))
+        return (1 - z) * h + z * candidate
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        """One step from the raw input.
+
+        :param x: ``[batch, input]``
+        :param h: ``[batch, hidden]``
+        :return: ``[batch, hidden]``
+        """
+        return self.step(self.project_input(x), h)
+
+
+class FusedGRUCell(nn.Module):
+    """The GRU of ``torch.nn.GRUCell`` (and cuDNN), with the same parameter layout
+    (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``; gate order r, z, n)::
+
+        r_t = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+        z_t = sigmoid(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+        n_t = tanh(W_in x_t + b_in + r_t * (W_hn h_{t-1} + b_hn))
+        h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+    Note that here z_t weights the *old* state, the mirror image of Cho et al.;
+    the two parametrisations are equivalent up to z -> 1 - z.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.zeros(3 * hidden_size))
+        bound = hidden_size**-0.5
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+
+    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
+        """Input half of the gates, ``W_i x + b_i``; same contract as
+        :meth:`ExactGRUCell.project_input` (gate order r, z, n)."""
+        weight = self.weight_ih[:, offset : offset + x.size(-1)]
+        return F.linear(x, weight, self.bias_ih if bias else None)
+
+    def step(self, gates_x: Tensor, h: Tensor) -> Tensor:
+        """One ``nn.GRUCell`` step.
+
+        :param gates_x: ``[batch, 3 * hidden]`` from ``project_input``
+        :param h: ``[batch, hidden]`` previous state
+        :return: ``[batch, hidden]`` new state
+        """
+        x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, self.weight_hh, self.bias_hh).chunk(3, dim=-1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return n + z * (h - n)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        """One step from the raw input.
+
+        :param x: ``[batch, input]``
+        :param h: ``[batch, hidden]``
+        :return: ``[batch, hidden]``
+        """
+        return self.step(self.project_input(x), h)
+
+
+GRUCell = ExactGRUCell | FusedGRUCell
+
+
+def make_gru_cell(cell: str, input_size: int, hidden_size: int) -> GRUCell:
+    """The cell named by ``cell`` (``"exact"`` or ``"fused"``)."""
+    if cell == "exact":
+        return ExactGRUCell(input_size, hidden_size)
+    if cell == "fused":
+        return FusedGRUCell(input_size, hidden_size)
+    raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+
+
+def run_gru(
+    cell: GRUCell, gates_x: Tensor, mask: Tensor, reverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Run ``cell`` over a right-padded batch, starting from a zero state.
+
+    On padding the state is carried through unchanged, so the forward direction
+    ends on each sentence's last real token. Running ``reverse`` from the last
+    column to the first, the state stays zero through the trailing padding and
+    starts at each sentence's own last token: the same as reversing every
+    sentence within its length (Bahdanau et al. 2015, section 3.2).
+
+    :param cell: a GRU cell
+    :param gates_x: ``[batch, src_len, 3 * hidden]`` from ``cell.project_input``
+    :param mask: ``[batch, src_len]`` bool, True on real tokens
+    :param reverse: run from the end of the sentence to its start
+    :return: states ``[batch, src_len, hidden]`` (zero on padding) and the
+        final state ``[batch, hidden]``
+    """
+    batch_size, src_len, _ = gates_x.shape
+    h = gates_x.new_zeros(batch_size, cell.hidden_size)
+    steps = range(src_len - 1, -1, -1) if reverse else range(src_len)
+    outputs: list[Tensor] = [h] * src_len
+    for t in steps:
+        real = mask[:, t].unsqueeze(1)  # batch x 1
+        h = torch.where(real, cell.step(gates_x[:, t], h), h)
+        outputs[t] = h
+    states = torch.stack(outputs, dim=1) * mask.unsqueeze(2)  # batch x src_len x hidden
+    return states, h

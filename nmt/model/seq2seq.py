@@ -1,0 +1,245 @@
+"""The RNN encoder-decoder with attention (Cho et al. 2014; Bahdanau et al. 2015).
+
+:class:`Seq2Seq` exposes exactly what training and search need: ``forward`` (teacher
+forcing), ``encode``, ``init_state``, ``decode_step`` and ``reorder_state``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.model.decoder import INIT_STATES, Decoder
+from nmt.model.encoder import Encoder
+from nmt.model.gru import CELLS
+
+
+@dataclass
+class EncoderOutput:
+    """Everything the decoder needs from the source, computed once per sentence.
+
+    :ivar annotations: ``[batch, src_len, 2 * enc_hidden]`` the h_j, zero on padding
+    :ivar keys: ``[batch, src_len, attn_dim]`` the precomputed ``U_a h_j``
+    :ivar mask: ``[batch, src_len]`` bool, True on real tokens
+    :ivar backward_h1: ``[batch, enc_hidden]`` final backward encoder state
+    """
+
+    annotations: Tensor
+    keys: Tensor
+    mask: Tensor
+    backward_h1: Tensor
+
+    def select(self, index: Tensor) -> "EncoderOutput":
+        """Pick sentences along the batch, e.g. to repeat them for beams or to drop
+        finished ones.
+
+        :param index: ``[n]`` long, batch positions to keep (repeats allowed)
+        """
+        return EncoderOutput(
+            self.annotations.index_select(0, index),
+            self.keys.index_select(0, index),
+            self.mask.index_select(0, index),
+            self.backward_h1.index_select(0, index),
+        )
+
+
+class Seq2Seq(nn.Module):
+    """Bidirectional GRU encoder, additive attention and a GRU decoder with deep output.
+
+    Parameters are initialised as follows: input-to-hidden GRU matrices Xavier-uniform
+    (per gate), hidden-to-hidden GRU matrices orthogonal (per gate), other matrices
+    Xavier-uniform, all biases zero, embeddings ``normal(0, emb_dim ** -0.5)`` with a
+    zero padding row.
+    """
+
+    def __init__(
+        self,
+        *,
+        src_vocab_size: int,
+        trg_vocab_size: int,
+        emb_dim: int = 256,
+        enc_hidden: int = 256,
+        enc_layers: int = 1,
+        dec_hidden: int = 512,
+        dec_layers: int = 1,
+        attn_dim: int = 512,
+        out_dim: int = 256,
+        maxout: bool = False,
+        cell: str = "fused",
+        init_state: str = "bridge",
+        tie_output: bool = False,
+        tie_all: bool = False,
+        dropout_emb: float = 0.0,
+        dropout_hidden: float = 0.0,
+        dropout_word: float = 0.0,
+        pad_id: int = 0,
+        unk_id: int = 1,
+        bos_id: int = 2,
+        eos_id: int = 3,
+    ) -> None:
+        """
+        :param src_vocab_size: source vocabulary size (special ids included)
+        :param trg_vocab_size: target vocabulary size (special ids included)
+        :param emb_dim: word embedding size, source and target
+        :param enc_hidden: encoder GRU size per direction
+        :param enc_layers: stacked bidirectional encoder layers
+        :param dec_hidden: decoder GRU size
+        :param dec_layers: stacked decoder layers
+        :param attn_dim: hidden size of the alignment model
+        :param out_dim: size of the deep output layer
+        :param maxout: maxout (pool 2) instead of tanh in the deep output
+        :param cell: ``"fused"`` (PyTorch/cuDNN GRU) or ``"exact"`` (Cho et al. 2014)
+        :param init_state: decoder initial state, ``"bridge"``, ``"mean"`` or ``"zero"``
+        :param tie_output: share the target embedding with the output projection
+            (needs ``out_dim == emb_dim``)
+        :param tie_all: also share it with the source embedding (needs equal
+            vocabulary sizes); implies ``tie_output``
+        :param dropout_emb: dropout on word embeddings
+        :param dropout_hidden: dropout on the deep output and between stacked layers
+        :param dropout_word: in training, probability of replacing a source or target
+            input word (not pad or bos) with ``unk_id``
+        :param pad_id: padding id; ``unk_id``, ``bos_id``, ``eos_id``: special ids
+        """
+        super().__init__()
+        self._config = dict(
+            src_vocab_size=src_vocab_size, trg_vocab_size=trg_vocab_size, emb_dim=emb_dim,
+            enc_hidden=enc_hidden, enc_layers=enc_layers, dec_hidden=dec_hidden,
+            dec_layers=dec_layers, attn_dim=attn_dim, out_dim=out_dim, maxout=maxout, cell=cell,
+            init_state=init_state, tie_output=tie_output, tie_all=tie_all,
+            dropout_emb=dropout_emb, dropout_hidden=dropout_hidden, dropout_word=dropout_word,
+            pad_id=pad_id, unk_id=unk_id, bos_id=bos_id, eos_id=eos_id,
+        )
+        _validate(self._config)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
+        self.dropout_word = dropout_word
+
+        self.encoder = Encoder(
+            src_vocab_size, emb_dim, enc_hidden, enc_layers, cell,
+            dropout_emb, dropout_hidden, pad_id,
+        )
+        self.decoder = Decoder(
+            trg_vocab_size, emb_dim, 2 * enc_hidden, dec_hidden, dec_layers, attn_dim, out_dim,
+            maxout, cell, init_state, dropout_emb, dropout_hidden, pad_id,
+        )
+        self._reset_parameters()
+        if tie_output or tie_all:  # Press & Wolf (2017)
+            self.decoder.output_layer.weight = self.decoder.embed.weight
+        if tie_all:
+            self.encoder.embed.weight = self.decoder.embed.weight
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments: ``Seq2Seq(**model.config)`` rebuilds the model."""
+        return dict(self._config)
+
+    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        :param src: ``[batch, src_len]`` source ids, right-padded with ``pad_id``
+        :param src_lengths: ``[batch]`` source lengths (>= 1)
+        :param trg_in: ``[batch, trg_len]`` target ids shifted right (``bos_id`` first)
+        :return: logits ``[batch, trg_len, trg_vocab]``
+        """
+        if self.training and self.dropout_word > 0:
+            src, trg_in = self._word_dropout(src), self._word_dropout(trg_in)
+        enc = self.encode(src, src_lengths)
+        state = self.init_state(enc)
+        return self.decoder(trg_in, state, enc.keys, enc.annotations, enc.mask)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        """Encode the source and precompute the attention keys.
+
+        :param src: ``[batch, src_len]`` source ids, right-padded
+        :param src_lengths: ``[batch]`` source lengths (>= 1)
+        """
+        annotations, backward_h1 = self.encoder(src, src_lengths)
+        positions = torch.arange(src.size(1), device=src.device)
+        mask = positions < src_lengths.unsqueeze(1)  # batch x src_len
+        keys = self.decoder.attention.compute_keys(annotations)  # batch x src_len x attn_dim
+        return EncoderOutput(annotations, keys, mask, backward_h1)
+
+    def init_state(self, enc: EncoderOutput) -> Tensor:
+        """Initial decoder state ``[layers, batch, dec_hidden]``."""
+        return self.decoder.init_state(enc.annotations, enc.backward_h1, enc.mask)
+
+    def decode_step(
+        self, prev_tokens: Tensor, state: Tensor, enc: EncoderOutput
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoder step.
+
+        :param prev_tokens: ``[batch]`` previous target ids (``bos_id`` at the start)
+        :param state: ``[layers, batch, dec_hidden]``
+        :param enc: the (selected) encoder output for this batch
+        :return: log-probabilities ``[batch, trg_vocab]`` (float32), the new state
+            ``[layers, batch, dec_hidden]`` and attention weights ``[batch, src_len]``
+        """
+        logits, state, weights = self.decoder.step(
+            prev_tokens, state, enc.keys, enc.annotations, enc.mask
+        )
+        return F.log_softmax(logits.float(), dim=-1), state, weights
+
+    @staticmethod
+    def reorder_state(state: Tensor, index: Tensor) -> Tensor:
+        """Pick batch entries of a decoder state ``[layers, batch, dec_hidden]``.
+
+        :param index: ``[n]`` long, batch positions to keep (repeats allowed)
+        """
+        return state.index_select(1, index)
+
+    def _word_dropout(self, tokens: Tensor) -> Tensor:
+        """Replace each word other than pad and bos with unk with prob. ``dropout_word``.
+
+        :param tokens: ``[batch, len]``; :return: ``[batch, len]``
+        """
+        drop = torch.rand(tokens.shape, device=tokens.device) < self.dropout_word
+        drop &= (tokens != self.pad_id) & (tokens != self.bos_id)
+        return tokens.masked_fill(drop, self.unk_id)
+
+    def _reset_parameters(self) -> None:
+        for name, param in self.named_parameters():
+            if param.dim() == 1:
+                nn.init.zeros_(param)
+            elif "weight_hh" in name:  # recurrent matrices, one block per gate
+                for block in param.data.chunk(3, dim=0):
+                    nn.init.orthogonal_(block)
+            elif "weight_ih" in name:
+                for block in param.data.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(block)
+            else:
+                nn.init.xavier_uniform_(param)
+        for embed in (self.encoder.embed, self.decoder.embed):
+            nn.init.normal_(embed.weight, 0.0, embed.embedding_dim**-0.5)
+            with torch.no_grad():
+                embed.weight[embed.padding_idx].zero_()
+
+
+def _validate(config: dict) -> None:
+    """Raise ValueError naming the first bad argument."""
+    for key in ("src_vocab_size", "trg_vocab_size", "emb_dim", "enc_hidden", "enc_layers",
+                "dec_hidden", "dec_layers", "attn_dim", "out_dim"):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    for key in ("maxout", "tie_output", "tie_all"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be a bool, got {config[key]!r}")
+    for key in ("dropout_emb", "dropout_hidden", "dropout_word"):
+        value = config[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+    if config["cell"] not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {config['cell']!r}")
+    if config["init_state"] not in INIT_STATES:
+        raise ValueError(f"init_state must be one of {INIT_STATES}, got {config['init_state']!r}")
+    specials = ("pad_id", "unk_id", "bos_id", "eos_id")
+    if len({config[key] for key in specials}) != len(specials):
+        raise ValueError(f"{', '.join(specials)} must be distinct")
+    vocab = min(config["src_vocab_size"], config["trg_vocab_size"])
+    for key in specials:
+        if not 0 <= config[key] < vocab:
+            raise ValueError(f"{key} must be a valid id below both vocabulary sizes ({vocab})")
+    if config["tie_all"] and config["src_vocab_size"] != config["trg_vocab_size"]:
+        raise ValueError("tie_all needs src_vocab_size == trg_vocab_size")
+    if (config["tie_output"] or config["tie_all"]) and config["out_dim"] != config["emb_dim"]:
+        raise ValueError("tie_output (and tie_all) need out_dim == emb_dim")

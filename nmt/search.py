@@ -1,0 +1,271 @@
+"""Greedy and beam search: free functions, tensors in, hypotheses out.
+
+Search uses only the model's decoding contract (:class:`Decodable`: ``encode``,
+``init_state``, ``decode_step``, ``reorder_state``, ``EncoderOutput.select`` and the
+special ids), so any model that offers it can be decoded.
+
+Rules shared by both searches:
+
+* Sentences and beams are decoded together as one batch; a sentence leaves the
+  batch as soon as it is finished, so the work shrinks as decoding proceeds.
+* ``pad`` and ``bos`` are never emitted (their log-probabilities are set to -inf,
+  nothing is renormalised).
+* A sentence of ``n`` source tokens may emit at most
+  ``max_len = int(max_len_a * n + max_len_b)`` tokens before eos. At step
+  ``max_len`` only eos is allowed, with its own log-probability, so every score
+  is the model's log-probability ``log p(y_1 .. y_m, eos | x)`` of a hypothesis
+  with ``m <= max_len``: the search space is exactly these sequences.
+* Call ``model.eval()`` first; search does not change the model's mode. It runs
+  under ``torch.inference_mode()``.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from nmt.model.seq2seq import EncoderOutput
+
+LENGTH_NORMS = ("gnmt", "average", "none")
+
+
+class Decodable(Protocol):
+    """The decoding contract search relies on; :class:`nmt.model.Seq2Seq` implements it."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput: ...
+
+    def init_state(self, enc: EncoderOutput) -> Tensor: ...
+
+    def decode_step(
+        self, prev_tokens: Tensor, state: Tensor, enc: EncoderOutput
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def reorder_state(self, state: Tensor, index: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Hypothesis:
+    """One translation.
+
+    :ivar tokens: target ids, without bos and eos
+    :ivar score: log-probability of ``tokens`` followed by eos, after the length penalty
+    :ivar attention: ``[len(tokens) + 1, src_len]`` attention weights, one row per
+        emitted token (eos included), over this sentence's own source positions
+    """
+
+    tokens: list[int]
+    score: float
+    attention: Tensor
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Decodable,
+    src: Tensor,
+    src_lengths: Tensor,
+    *,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+) -> list[list[Hypothesis]]:
+    """Pick the most probable word at every step.
+
+    :param model: a :class:`~nmt.model.Seq2Seq`, in eval mode
+    :param src: ``[batch, src_len]`` source ids, right-padded
+    :param src_lengths: ``[batch]`` source lengths
+    :param max_len_a: ``max_len = int(max_len_a * src_length + max_len_b)``
+    :param max_len_b: see ``max_len_a``
+    :return: for every sentence a list holding one hypothesis, scored by its
+        log-probability (no length penalty)
+    """
+    batch_size = src.size(0)
+    enc = model.encode(src, src_lengths)
+    state = model.init_state(enc)
+    max_lens = _max_lengths(src_lengths, max_len_a, max_len_b)  # batch
+    sentence_ids = torch.arange(batch_size, device=src.device)  # batch row -> sentence
+    prev_tokens = torch.full_like(sentence_ids, model.bos_id)
+    scores = torch.zeros(batch_size, device=src.device)
+    tokens = src.new_empty(batch_size, 0)  # batch x step
+    attention = torch.empty(batch_size, 0, src.size(1), device=src.device)  # batch x step x src_len
+    results: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
+    src_lens = src_lengths.tolist()
+
+    step = 0
+    while sentence_ids.numel() > 0:
+        log_probs, state, weights = model.decode_step(prev_tokens, state, enc)
+        log_probs = _restrict(log_probs, model, force_eos=max_lens <= step)  # batch x vocab
+        best_log_probs, prev_tokens = log_probs.max(dim=1)  # batch
+        scores = scores + best_log_probs
+        tokens = torch.cat([tokens, prev_tokens.unsqueeze(1)], dim=1)
+        attention = torch.cat([attention, weights.unsqueeze(1)], dim=1)
+
+        done = prev_tokens == model.eos_id  # batch
+        if done.any():
+            rows = done.nonzero().squeeze(1)
+            for sid, hyp_tokens, score, hyp_attention in zip(
+                sentence_ids[rows].tolist(),
+                tokens[rows, :-1].tolist(),
+                scores[rows].tolist(),
+                attention[rows],
+            ):
+                hyp_attention = hyp_attention[:, : src_lens[sid]]
+                results[sid].append(Hypothesis(hyp_tokens, score, hyp_attention))
+            keep = (~done).nonzero().squeeze(1)  # unfinished sentences stay in the batch
+            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep]
+            prev_tokens = prev_tokens[keep]
+            scores, tokens, attention = scores[keep], tokens[keep], attention[keep]
+            state, enc = model.reorder_state(state, keep), enc.select(keep)
+        step += 1
+    return results
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Decodable,
+    src: Tensor,
+    src_lengths: Tensor,
+    *,
+    beam_size: int = 5,
+    length_penalty: float = 1.0,
+    length_norm: str = "gnmt",
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search over a batch of sentences.
+
+    Every step extends the ``beam_size`` live hypotheses of each sentence by every
+    word and ranks the ``2 * beam_size`` best extensions by log-probability. Those
+    that end in eos and rank within the first ``beam_size`` are set aside as
+    finished; the ``beam_size`` best that do not end in eos stay live. A sentence is
+    finished when ``beam_size`` hypotheses have finished (the usual early stopping,
+    as in fairseq) or when it reaches its maximum length (see the module docstring).
+
+    Finished hypotheses are ranked by log-probability divided by a length penalty,
+    where ``|Y|`` counts the emitted tokens including eos:
+
+    * ``"gnmt"``: ``((5 + |Y|) / 6) ** length_penalty`` (Wu et al. 2016, section 7);
+    * ``"average"``: ``|Y|`` (``length_penalty`` is not used);
+    * ``"none"``: 1.
+
+    :param model: a :class:`~nmt.model.Seq2Seq`, in eval mode
+    :param src: ``[batch, src_len]`` source ids, right-padded
+    :param src_lengths: ``[batch]`` source lengths
+    :param beam_size: live hypotheses per sentence
+    :param length_penalty: alpha of the gnmt length penalty
+    :param length_norm: ``"gnmt"``, ``"average"`` or ``"none"``
+    :param max_len_a: ``max_len = int(max_len_a * src_length + max_len_b)``
+    :param max_len_b: see ``max_len_a``
+    :param nbest: hypotheses to return per sentence (at most ``beam_size``)
+    :return: for every sentence its ``nbest`` best hypotheses, best first (fewer
+        only if fewer sequences exist)
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest must be between 1 and beam_size ({beam_size}), got {nbest}")
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+    k, device = beam_size, src.device
+    n = src.size(0)  # sentences still in the batch; beam b of sentence s is row s * k + b
+    src_lens = src_lengths.tolist()
+    enc = model.encode(src, src_lengths)
+    state = model.init_state(enc)
+    rows = torch.arange(n, device=device).repeat_interleave(k)  # n*k: each sentence k times
+    enc, state = enc.select(rows), model.reorder_state(state, rows)
+
+    sentence_ids = torch.arange(n, device=device)  # batch sentence -> input sentence
+    max_lens = _max_lengths(src_lengths, max_len_a, max_len_b)  # n
+    n_finished = torch.zeros(n, dtype=torch.long, device=device)  # n
+    scores = torch.full((n, k), float("-inf"), device=device)  # n x k, raw log-probs
+    scores[:, 0] = 0.0  # a single live beam at first, so that no hypothesis is repeated
+    prev_tokens = torch.full((n * k,), model.bos_id, dtype=torch.long, device=device)
+    tokens = src.new_empty(n * k, 0)  # n*k x step
+    attention = torch.empty(n * k, 0, src.size(1), device=device)  # n*k x step x src_len
+    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+
+    step = 0
+    while n > 0:
+        log_probs, state, weights = model.decode_step(prev_tokens, state, enc)  # n*k x vocab
+        force_eos = (max_lens <= step).repeat_interleave(k)
+        log_probs = _restrict(log_probs, model, force_eos)
+        vocab = log_probs.size(1)
+        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        top_scores, top_ids = candidates.topk(2 * k, dim=1)  # n x 2k
+        top_tokens = top_ids % vocab  # n x 2k
+        top_rows = top_ids // vocab + k * torch.arange(n, device=device).unsqueeze(1)  # n x 2k
+        ends = top_tokens == model.eos_id  # n x 2k
+
+        # Set aside hypotheses that end in eos within the top k.
+        new_finished = ends & top_scores.isfinite()
+        new_finished[:, k:] = False
+        if new_finished.any():
+            sentence, position = new_finished.nonzero(as_tuple=True)
+            hyp_rows = top_rows[sentence, position]
+            hyp_attention = torch.cat(
+                [attention[hyp_rows], weights[hyp_rows].unsqueeze(1)], dim=1
+            )  # finished x step+1 x src_len
+            normaliser = _length_normaliser(step + 1, length_norm, length_penalty)
+            for sid, hyp_tokens, score, hyp_attn in zip(
+                sentence_ids[sentence].tolist(),
+                tokens[hyp_rows].tolist(),
+                (top_scores[sentence, position] / normaliser).tolist(),
+                hyp_attention,
+            ):
+                finished[sid].append(Hypothesis(hyp_tokens, score, hyp_attn[:, : src_lens[sid]]))
+            n_finished += new_finished.sum(dim=1)
+
+        # The k best extensions that do not end in eos stay live.
+        scores, live = top_scores.masked_fill(ends, float("-inf")).topk(k, dim=1)  # n x k
+        live_rows = top_rows.gather(1, live)  # n x k
+        live_tokens = top_tokens.gather(1, live)  # n x k
+
+        # Finished sentences leave the batch.
+        done = (n_finished >= k) | (max_lens <= step)  # n
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            scores, live_rows, live_tokens = scores[keep], live_rows[keep], live_tokens[keep]
+            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep]
+            n_finished = n_finished[keep]
+            n = keep.numel()
+            # all beams of a sentence share its encoding, so any of its rows will do
+            enc = enc.select(live_rows.view(-1))
+        live_rows, prev_tokens = live_rows.view(-1), live_tokens.view(-1)  # n*k
+        state = model.reorder_state(state, live_rows)
+        tokens = torch.cat([tokens[live_rows], prev_tokens.unsqueeze(1)], dim=1)
+        attention = torch.cat([attention[live_rows], weights[live_rows].unsqueeze(1)], dim=1)
+        step += 1
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+def _max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+    """``int(max_len_a * src_length + max_len_b)`` per sentence: ``[batch]`` long."""
+    return (src_lengths.double() * max_len_a + max_len_b).long()
+
+
+def _restrict(log_probs: Tensor, model: Decodable, force_eos: Tensor) -> Tensor:
+    """Forbid pad and bos everywhere, and everything but eos where ``force_eos``.
+
+    :param log_probs: ``[batch, vocab]``
+    :param force_eos: ``[batch]`` bool, rows that have reached their maximum length
+    :return: ``[batch, vocab]`` with forbidden entries at -inf (not renormalised)
+    """
+    log_probs = log_probs.clone()
+    log_probs[:, [model.pad_id, model.bos_id]] = float("-inf")
+    only_eos = torch.full_like(log_probs, float("-inf"))
+    only_eos[:, model.eos_id] = log_probs[:, model.eos_id]
+    return torch.where(force_eos.unsqueeze(1), only_eos, log_probs)
+
+
+def _length_normaliser(length: int, length_norm: str, alpha: float) -> float:
+    """What a hypothesis's log-probability is divided by; ``length`` includes eos."""
+    if length_norm == "gnmt":  # Wu et al. (2016), section 7
+        return ((5 + length) / 6) ** alpha
+    if length_norm == "average":
+        return float(length)
+    return 1.0

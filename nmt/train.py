@@ -1,0 +1,328 @@
+"""`nmt train`: one training loop, read top to bottom.
+
+    preprocess (if stale) -> build model -> resume from checkpoints/last.pt if present ->
+    for each epoch: token batches (a pure function of seed and epoch) -> update ->
+    log / validate / keep the best checkpoints -> evaluate the best on the test splits.
+
+A run interrupted at any update boundary (Ctrl-C, SIGTERM, or killed between
+checkpoints) resumes from checkpoints/last.pt with the same data order and RNG state,
+so on CPU a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nmt.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from nmt.data.batching import collate, token_batches
+from nmt.data.corpus import EncodedCorpus
+from nmt.data.preprocess import is_fresh, preprocess
+from nmt.data.tokenizer import load_tokenizers
+from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
+from nmt.model.build import build_model
+from nmt.recipe import Recipe, dump_recipe
+from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
+from nmt.train_utils import (
+    LRSchedule,
+    MetricsLog,
+    StopRequest,
+    link_or_copy,
+    make_optimizer,
+    pick_device,
+    set_aside,
+)
+from nmt.translate import SearchOptions, Translator
+
+
+class TrainError(Exception):
+    """Training cannot start or go on; the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run needs besides model and optimizer."""
+
+    step: int = 0  # updates done
+    epoch: int = 0  # current epoch (0-based)
+    group_in_epoch: int = 0  # updates done inside the current epoch
+    best: list = field(default_factory=list)  # [[bleu, step], ...] best first
+    bad_validations: int = 0  # validations since the best BLEU improved
+    last_valid_step: int = -1
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_bleu: float | None
+    best_checkpoint: Path | None
+    stopped_early: bool
+    interrupted: bool
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    device: str = "auto",
+    restart: bool = False,
+    data_dir: Path | None = None,
+    evaluate_at_end: bool = True,
+) -> TrainResult:
+    run_dir = Path(run_dir)
+    cfg = recipe.train
+    if restart:
+        aside = set_aside(run_dir)
+        if aside:
+            log(f"--restart: earlier checkpoints and logs moved to {aside}")
+    if not is_fresh(recipe, run_dir):
+        preprocess(recipe, run_dir, data_dir=data_dir)
+    dev = pick_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+
+    # Data: encoded corpora (memory-mapped) and the raw validation text for BLEU.
+    data = data_dir_of(run_dir)
+    src_tok, trg_tok = load_tokenizers(data)
+    train_set = EncodedCorpus.open(data, "train")
+    valid_set = EncodedCorpus.open(data, "valid")
+    valid_src = read_text(data / "valid.src.txt")
+    valid_ref = read_text(data / "valid.trg.txt")
+
+    # Model and optimisation.
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, src_tok.vocab_size, trg_tok.vocab_size).to(dev)
+    optimizer = make_optimizer(model, cfg)
+    schedule = LRSchedule(cfg)
+    state = TrainState()
+    ckpts = checkpoint_dir(run_dir)
+    resumed = _resume(ckpts, model, optimizer, schedule, state, dev)
+    if resumed:
+        log(f"resuming from {resumed} at update {state.step} (epoch {state.epoch + 1})")
+    atomic_write(run_dir / "recipe.yaml", lambda tmp: tmp.write_text(dump_recipe(recipe), encoding="utf-8"))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params:,} parameters; device {dev}; {'bf16 autocast' if use_bf16 else 'fp32'}; "
+        f"{torch.get_num_threads()} threads; {len(train_set):,} training pairs")
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    decode_opts = SearchOptions.from_recipe(recipe.decode, beam_size=cfg.valid_beam_size)
+    translator_for = lambda: Translator(_Loaded(model, src_tok, trg_tok, recipe.data.max_len), decode_opts, dev)  # noqa: E731
+
+    def payload(with_train_state: bool, scores: dict) -> dict:
+        out = {
+            "model_config": model.config,
+            "model": model.state_dict(),
+            "src_spm": src_tok.model_bytes,
+            "trg_spm": trg_tok.model_bytes,
+            "max_src_len": recipe.data.max_len,
+            "recipe": recipe.to_dict(),
+            "step": state.step,
+            "epoch": state.epoch,
+            "metrics": scores,
+        }
+        if with_train_state:
+            out["train_state"] = {
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "progress": vars(state).copy(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        return out
+
+    def validate() -> dict:
+        """Loss, perplexity and BLEU on the validation split; keep the best checkpoints."""
+        model.eval()
+        start = time.perf_counter()
+        loss_sum, n_tok = 0.0, 0
+        with torch.inference_mode():
+            for idx in token_batches(valid_set.src_lengths, valid_set.trg_lengths, batch_tokens=cfg.batch_tokens,
+                                     seed=0, epoch=0, shuffle=False):
+                b = {k: v.to(dev) for k, v in collate(valid_set, idx).items()}
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = model(b["src"], b["src_lengths"], b["trg_in"])
+                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), b["trg_out"].flatten(),
+                                            ignore_index=0, reduction="sum").item()
+                n_tok += int((b["trg_out"] != 0).sum())
+            hyps = translator_for().translate_lines(valid_src)
+        model.train()
+        bleu = bleu_score(hyps, valid_ref)
+        loss = loss_sum / max(n_tok, 1)
+        scores = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)), "valid_bleu": bleu,
+                  "valid_seconds": time.perf_counter() - start}
+        state.last_valid_step = state.step
+        improved = not state.best or bleu > state.best[0][0]
+        state.bad_validations = 0 if improved else state.bad_validations + 1
+        schedule.on_validation(bleu, optimizer)
+        _keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: save_checkpoint(path, payload(False, scores)))
+        save_checkpoint(ckpts / "last.pt", payload(True, scores))
+        metrics.write(kind="valid", step=state.step, epoch=state.epoch + 1, **scores,
+                      best_bleu=state.best[0][0], lr=schedule.lr)
+        log(f"valid | update {state.step} | loss {loss:.3f} | ppl {scores['valid_ppl']:.2f} | "
+            f"BLEU {bleu:.2f} | best {state.best[0][0]:.2f} (update {state.best[0][1]}) | "
+            f"{scores['valid_seconds']:.1f}s" + ("" if improved else f" | no improvement x{state.bad_validations}"))
+        return scores
+
+    def finished() -> bool:
+        return bool((cfg.max_steps and state.step >= cfg.max_steps)
+                    or (cfg.max_epochs and state.epoch >= cfg.max_epochs)
+                    or (cfg.patience and state.bad_validations >= cfg.patience))
+
+    # The loop.
+    model.train()
+    stop = StopRequest()
+    interrupted = False
+    batches_per_epoch = len(token_batches(train_set.src_lengths, train_set.trg_lengths,
+                                          batch_tokens=cfg.batch_tokens, seed=recipe.seed, epoch=0))
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
+    total = min(x for x in (cfg.max_steps or math.inf, (cfg.max_epochs or math.inf) * updates_per_epoch))
+    bar = tqdm(total=None if math.isinf(total) else int(total), initial=state.step, unit="upd",
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None)
+    window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
+    with stop:
+        while not finished() and not interrupted:
+            batches = token_batches(train_set.src_lengths, train_set.trg_lengths, batch_tokens=cfg.batch_tokens,
+                                    seed=recipe.seed, epoch=state.epoch)
+            groups = [batches[i : i + cfg.accum_steps] for i in range(0, len(batches), cfg.accum_steps)]
+            for group in groups[state.group_in_epoch :]:
+                lr = schedule.apply(optimizer, state.step)
+                loss, n_tok, n_src = _update(model, optimizer, train_set, group, cfg, dev, use_bf16)
+                state.step += 1
+                state.group_in_epoch += 1
+                window["loss"] += loss * n_tok
+                window["tokens"] += n_tok
+                window["src_tokens"] += n_src
+                if state.step % cfg.log_every == 0:
+                    elapsed = time.perf_counter() - window["time"]
+                    avg = window["loss"] / max(window["tokens"], 1)
+                    tps = window["tokens"] / max(elapsed, 1e-9)
+                    metrics.write(kind="train", step=state.step, epoch=state.epoch + 1, loss=avg, lr=lr,
+                                  trg_tokens_per_s=tps, src_tokens_per_s=window["src_tokens"] / max(elapsed, 1e-9))
+                    bar.set_postfix_str(f"ep {state.epoch + 1} loss {avg:.3f} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
+                    window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
+                bar.update(1)
+                if state.step % cfg.valid_every == 0:
+                    validate()
+                if stop.requested:
+                    interrupted = True
+                    break
+                if finished():
+                    break
+            else:
+                state.epoch += 1
+                state.group_in_epoch = 0
+                if state.last_valid_step != state.step:
+                    validate()
+    bar.close()
+    if interrupted:
+        save_checkpoint(ckpts / "last.pt", payload(True, {}))
+        log(f"stopped by {stop.signal_name} at update {state.step}; checkpoint saved to {ckpts / 'last.pt'}; "
+            "run the same command again to resume")
+    elif state.last_valid_step != state.step:
+        validate()
+    stopped_early = bool(cfg.patience and state.bad_validations >= cfg.patience)
+    if stopped_early:
+        log(f"early stopping: no BLEU improvement in {cfg.patience} validations")
+
+    best_path = ckpts / "best.pt"
+    if evaluate_at_end and not interrupted and best_path.is_file():
+        _evaluate_best(best_path, run_dir, dev)
+    return TrainResult(run_dir=run_dir, steps=state.step,
+                       best_bleu=state.best[0][0] if state.best else None,
+                       best_checkpoint=best_path if best_path.is_file() else None,
+                       stopped_early=stopped_early, interrupted=interrupted)
+
+
+def _update(model, optimizer, corpus, group, cfg, dev, use_bf16) -> tuple[float, int, int]:
+    """One optimizer update over a group of batches (gradient accumulation).
+
+    The loss is summed over target tokens and divided by the group's token count, so an
+    update is the same whether the group is one batch or several.
+    Returns the mean per-token loss, target tokens and source tokens of the group.
+    """
+    batches = [collate(corpus, idx) for idx in group]
+    n_tok = sum(int((b["trg_out"] != 0).sum()) for b in batches)
+    n_src = sum(int(b["src_lengths"].sum()) for b in batches)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for b in batches:
+        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(b["src"], b["src_lengths"], b["trg_in"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), b["trg_out"].flatten(), ignore_index=0,
+                               label_smoothing=cfg.label_smoothing, reduction="sum")
+        (loss / n_tok).backward()
+        total += loss.item()
+    if cfg.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    optimizer.step()
+    return total / max(n_tok, 1), n_tok, n_src
+
+
+def _keep_best(ckpts: Path, state: TrainState, bleu: float, keep: int, save) -> None:
+    """Save this step if it is among the `keep` best by BLEU; drop the one it displaces."""
+    ranked = sorted(state.best + [[bleu, state.step]], key=lambda x: (-x[0], x[1]))
+    kept, dropped = ranked[:keep], ranked[keep:]
+    if [bleu, state.step] in kept:
+        save(ckpts / f"step-{state.step}.pt")
+    for _, step in dropped:
+        (ckpts / f"step-{step}.pt").unlink(missing_ok=True)
+    state.best = kept
+    link_or_copy(ckpts / f"step-{kept[0][1]}.pt", ckpts / "best.pt")
+
+
+class _Loaded:
+    """The live model seen through the same fields as checkpoint.LoadedModel."""
+
+    def __init__(self, model, src_tok, trg_tok, max_src_len):
+        self.model, self.src_tok, self.trg_tok, self.max_src_len = model, src_tok, trg_tok, max_src_len
+
+
+def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> Path | None:
+    """Restore model, optimizer, schedule, progress and RNG state from last.pt."""
+    last = ckpts / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        payload = load_checkpoint(last, map_location=dev)
+    except CheckpointError as e:
+        raise TrainError(f"{e}; move it aside or use --restart") from None
+    model.load_state_dict(payload["model"])
+    ts = payload["train_state"]
+    optimizer.load_state_dict(ts["optimizer"])
+    schedule.load_state_dict(ts["schedule"])
+    for key, value in ts["progress"].items():
+        setattr(state, key, value)
+    torch.set_rng_state(ts["torch_rng"].cpu())
+    if ts["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ts["cuda_rng"]])
+    return last
+
+
+def _evaluate_best(best_path: Path, run_dir: Path, dev) -> None:
+    """Evaluate the best checkpoint on the recipe's test splits and print the table."""
+    from nmt.checkpoint import load_model
+
+    splits = test_splits_of(run_dir)
+    if not splits:
+        return
+    loaded = load_model(best_path, dev)
+    translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode), dev)
+    data = data_dir_of(run_dir)
+    pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in splits]
+    rows = evaluate_pairs(translator, pairs, run_dir / "eval")
+    print(format_table(rows))
+

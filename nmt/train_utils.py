@@ -1,0 +1,155 @@
+"""The pieces of training that are not the loop: optimizer, schedule, logs, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU. Asking for cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+class LRSchedule:
+    """Learning rate per update: linear warm-up, then constant, inverse square root, or
+    reduced by `plateau_factor` when validation BLEU stalls for `plateau_patience`."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.scale = 1.0  # plateau decay so far
+        self.best = None  # best validation BLEU seen (plateau)
+        self.stalled = 0
+        self.lr = cfg.lr
+
+    def value(self, step: int) -> float:
+        cfg, n = self.cfg, step + 1
+        warm = min(1.0, n / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.schedule == "inverse_sqrt":
+            decay = (max(cfg.warmup_steps, 1) / max(n, cfg.warmup_steps, 1)) ** 0.5
+            return cfg.lr * warm * decay
+        return cfg.lr * warm * self.scale
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        self.lr = self.value(step)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        return self.lr
+
+    def on_validation(self, bleu: float, optimizer) -> None:
+        if self.cfg.schedule != "plateau":
+            return
+        if self.best is None or bleu > self.best:
+            self.best, self.stalled = bleu, 0
+            return
+        self.stalled += 1
+        if self.stalled > self.cfg.plateau_patience and self.cfg.lr * self.scale * self.cfg.plateau_factor >= self.cfg.min_lr:
+            self.scale *= self.cfg.plateau_factor
+            self.stalled = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "stalled": self.stalled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best, self.stalled = state["scale"], state["best"], state["stalled"]
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl, and mirrors scalars to
+    TensorBoard when the optional `tensorboard` package is installed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, *, kind: str, step: int, **values) -> None:
+        record = {"time": round(time.time(), 3), "kind": kind, "step": step, **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            self.tb.flush()
+
+
+class StopRequest:
+    """While active, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop at the next update
+    boundary instead of killing it; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        import sys
+
+        print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Point dst at src's content atomically: a hard link where possible, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run's checkpoints, logs and evaluations into run_dir/old-<time>/ (the
+    preprocessed data stays). Returns the folder, or None when there was nothing."""
+    run_dir = Path(run_dir)
+    movable = [run_dir / n for n in ("checkpoints", "metrics.jsonl", "eval", "tensorboard", "recipe.yaml")]
+    movable = [p for p in movable if p.exists()]
+    if not movable:
+        return None
+    aside = run_dir / time.strftime("old-%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=False)
+    for p in movable:
+        p.rename(aside / p.name)
+    return aside

@@ -1,0 +1,178 @@
+"""Text in, text out: tokenize, batch by length, search, detokenize, restore order.
+
+Used by validation during training, `nmt translate` and `nmt evaluate`. Every input line
+gives exactly one output line, in input order; an empty or blank line gives "".
+"""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+from dataclasses import dataclass
+from typing import Iterable, Iterator, TextIO
+
+import torch
+
+from nmt.data.batching import EOS_ID, pad
+from nmt.search import Hypothesis, beam_search, greedy_search
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    beam_size: int = 5
+    length_penalty: float = 1.0
+    length_norm: str = "gnmt"
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    nbest: int = 1
+    batch_size: int = 64
+
+    @classmethod
+    def from_recipe(cls, decode, **overrides) -> "SearchOptions":
+        """Options from a recipe's decode section; None-valued overrides are ignored."""
+        fields = dict(
+            beam_size=decode.beam_size,
+            length_penalty=decode.length_penalty,
+            length_norm=decode.length_norm,
+            max_len_a=decode.max_len_a,
+            max_len_b=decode.max_len_b,
+            batch_size=decode.batch_size,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+def search_batch(model, src: torch.Tensor, src_lengths: torch.Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
+    """Greedy search for beam 1 with one hypothesis, beam search otherwise."""
+    if opts.beam_size == 1 and opts.nbest == 1:
+        return greedy_search(model, src, src_lengths, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b)
+    return beam_search(
+        model,
+        src,
+        src_lengths,
+        beam_size=max(opts.beam_size, opts.nbest),
+        length_penalty=opts.length_penalty,
+        length_norm=opts.length_norm,
+        max_len_a=opts.max_len_a,
+        max_len_b=opts.max_len_b,
+        nbest=opts.nbest,
+    )
+
+
+def translate_ids(
+    model,
+    sources: list[list[int]],
+    opts: SearchOptions,
+    device: torch.device | str = "cpu",
+) -> list[list[Hypothesis]]:
+    """Search for every source (piece ids, no eos); results in input order.
+
+    Empty sources get an empty hypothesis without running the model.
+    """
+    results: list[list[Hypothesis] | None] = [None] * len(sources)
+    order = sorted((i for i, s in enumerate(sources) if len(s)), key=lambda i: len(sources[i]), reverse=True)
+    with torch.inference_mode():
+        for start in range(0, len(order), opts.batch_size):
+            chunk = order[start : start + opts.batch_size]
+            src, src_lengths = pad([sources[i] for i in chunk], suffix=EOS_ID)
+            hyps = search_batch(model, src.to(device), src_lengths.to(device), opts)
+            for i, h in zip(chunk, hyps):
+                results[i] = h
+    empty = [Hypothesis(tokens=[], score=0.0, attention=torch.zeros(1, 1))]
+    return [r if r is not None else empty for r in results]
+
+
+class Translator:
+    """A loaded model with its tokenizers, turning raw lines into detokenized lines."""
+
+    def __init__(self, loaded, opts: SearchOptions, device: torch.device | str = "cpu", warn=None):
+        self.model = loaded.model
+        self.src_tok = loaded.src_tok
+        self.trg_tok = loaded.trg_tok
+        self.max_src_len = loaded.max_src_len
+        self.opts = opts
+        self.device = device
+        self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+
+    def encode(self, lines: list[str], first_line_no: int = 1) -> list[list[int]]:
+        ids = self.src_tok.encode([normalize_input(line) for line in lines])
+        for k, seq in enumerate(ids):
+            if len(seq) > self.max_src_len:
+                self.warn(
+                    f"line {first_line_no + k}: {len(seq)} pieces, truncated to the model's "
+                    f"maximum source length of {self.max_src_len}"
+                )
+                ids[k] = seq[: self.max_src_len]
+        return ids
+
+    def translate(self, lines: list[str], first_line_no: int = 1) -> list[list[tuple[str, Hypothesis]]]:
+        """n-best (text, hypothesis) pairs per input line."""
+        hyps = translate_ids(self.model, self.encode(lines, first_line_no), self.opts, self.device)
+        out = []
+        for nbest in hyps:
+            texts = self.trg_tok.decode([h.tokens for h in nbest])
+            out.append(list(zip(texts, nbest)))
+        return out
+
+    def translate_lines(self, lines: list[str]) -> list[str]:
+        """The best translation of every line."""
+        return [nbest[0][0] for nbest in self.translate(lines)]
+
+
+def format_nbest(index: int, nbest: list[tuple[str, Hypothesis]]) -> list[str]:
+    """n-best lines: `input index <TAB> rank <TAB> score <TAB> translation` (0-based index)."""
+    return [f"{index}\t{rank}\t{hyp.score:.4f}\t{one_line(text)}" for rank, (text, hyp) in enumerate(nbest, 1)]
+
+
+def read_lines(stream) -> Iterator[str]:
+    """Lines of a binary stream as text: invalid UTF-8 replaced (with one warning per line),
+    CR/LF stripped, NUL bytes removed."""
+    for number, raw in enumerate(stream, 1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            print(f"warning: line {number}: invalid UTF-8 replaced with U+FFFD", file=sys.stderr)
+        yield text.replace("\x00", "")
+
+
+def windows(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Group a stream of lines into lists of at most `size` lines."""
+    window: list[str] = []
+    for line in lines:
+        window.append(line)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, *, window: int = 1000, nbest: int = 1) -> int:
+    """Translate a stream window by window, writing each window's results as it finishes.
+
+    Returns the number of input lines translated (= the number of output lines, or of
+    n-best groups).
+    """
+    count = 0
+    for chunk in windows(lines, window):
+        results = translator.translate(chunk, first_line_no=count + 1)
+        for k, result in enumerate(results):
+            if nbest > 1:
+                out.write("\n".join(format_nbest(count + k, result)) + "\n")
+            else:
+                out.write(one_line(result[0][0]) + "\n")
+        out.flush()
+        count += len(chunk)
+    return count
+
+
+def one_line(text: str) -> str:
+    """Guard the one-line-per-input invariant against pieces that decode to line breaks."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def normalize_input(line: str) -> str:
+    """The normalisation training text had: Unicode NFC, single spaces, no outer spaces."""
+    return " ".join(unicodedata.normalize("NFC", line).split())

@@ -1,0 +1,234 @@
+"""Seq2Seq: masking, padding invariance, teacher forcing == step-wise decoding, ties,
+argument checks, rebuilding from the config, and learning a toy task."""
+
+import json
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn.functional as F
+
+from nmt.model import Seq2Seq
+from nmt.search import greedy_search
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine, intra-op threads that
+    wait for each other can slow the packed nn.GRU twentyfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+TINY = dict(src_vocab_size=13, trg_vocab_size=11, emb_dim=8, enc_hidden=6, dec_hidden=7,
+            attn_dim=5, out_dim=4)
+VARIANTS = [  # cell, layers, init_state, maxout
+    ("fused", 1, "bridge", False),
+    ("exact", 1, "bridge", False),
+    ("fused", 2, "mean", True),
+    ("exact", 2, "zero", True),
+]
+
+
+def tiny_model(cell="fused", layers=1, init_state="bridge", maxout=False, **kwargs) -> Seq2Seq:
+    torch.manual_seed(0)
+    args = {**TINY, **kwargs}
+    model = Seq2Seq(cell=cell, enc_layers=layers, dec_layers=layers, init_state=init_state,
+                    maxout=maxout, **args)
+    return model.eval()
+
+
+def pad_batch(sentences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``sentences``: ``[batch, max_len]`` ids and ``[batch]`` lengths."""
+    lengths = torch.tensor([len(s) for s in sentences])
+    batch = torch.full((len(sentences), int(lengths.max())), PAD)
+    for i, sentence in enumerate(sentences):
+        batch[i, : len(sentence)] = torch.tensor(sentence)
+    return batch, lengths
+
+
+SHORT, LONG = [4, 5, 6], [7, 8, 9, 10, 11, 12, 4]
+TRG_IN = [BOS, 4, 5, 6, 7]
+
+
+def test_attention_sums_to_one_and_is_zero_on_padding():
+    model = tiny_model()
+    src, src_lengths = pad_batch([SHORT, LONG])
+    enc = model.encode(src, src_lengths)
+    state = model.init_state(enc)
+    for token in TRG_IN:
+        _, state, weights = model.decode_step(torch.tensor([token, token]), state, enc)
+        torch.testing.assert_close(weights.sum(1), torch.ones(2))
+        assert torch.all(weights[0, len(SHORT) :] == 0)
+        assert torch.all(weights[0, : len(SHORT)] > 0)
+
+
+@pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)
+def test_padding_does_not_change_a_sentence(cell, layers, init_state, maxout):
+    model = tiny_model(cell, layers, init_state, maxout)
+    alone, alone_lengths = pad_batch([SHORT])
+    batch, batch_lengths = pad_batch([SHORT, LONG])  # SHORT now carries 4 pads
+    trg_in = torch.tensor([TRG_IN, TRG_IN])
+
+    enc_alone, enc_batch = model.encode(alone, alone_lengths), model.encode(batch, batch_lengths)
+    n = len(SHORT)
+    torch.testing.assert_close(enc_batch.annotations[0, :n], enc_alone.annotations[0])
+    assert torch.all(enc_batch.annotations[0, n:] == 0)
+    torch.testing.assert_close(model.init_state(enc_batch)[:, :1], model.init_state(enc_alone))
+    torch.testing.assert_close(
+        model(batch, batch_lengths, trg_in)[:1], model(alone, alone_lengths, trg_in[:1])
+    )
+
+
+@pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)
+def test_teacher_forcing_equals_step_by_step_decoding(cell, layers, init_state, maxout):
+    model = tiny_model(cell, layers, init_state, maxout)
+    src, src_lengths = pad_batch([SHORT, LONG])
+    trg_in = torch.tensor([TRG_IN, [BOS, 9, 8, 7, 6]])
+    expected = F.log_softmax(model(src, src_lengths, trg_in), dim=-1)  # batch x trg_len x vocab
+
+    enc = model.encode(src, src_lengths)
+    state = model.init_state(enc)
+    for i in range(trg_in.size(1)):
+        log_probs, state, _ = model.decode_step(trg_in[:, i], state, enc)
+        assert log_probs.dtype == torch.float32
+        torch.testing.assert_close(log_probs, expected[:, i])
+
+
+def test_encoder_output_select_and_reorder_state():
+    model = tiny_model(layers=2)
+    src, src_lengths = pad_batch([SHORT, LONG])
+    enc = model.encode(src, src_lengths)
+    index = torch.tensor([1, 1, 0])
+    picked = enc.select(index)
+    torch.testing.assert_close(picked.keys, enc.keys[index])
+    assert torch.equal(picked.mask, enc.mask[index])
+    state = model.init_state(enc)
+    torch.testing.assert_close(model.reorder_state(state, index), state[:, index])
+
+
+def test_tied_parameters_are_shared():
+    model = tiny_model(tie_output=True, out_dim=TINY["emb_dim"])
+    assert model.decoder.output_layer.weight is model.decoder.embed.weight
+    assert model.encoder.embed.weight is not model.decoder.embed.weight
+
+    model = tiny_model(tie_all=True, out_dim=TINY["emb_dim"], trg_vocab_size=13)
+    shared = model.decoder.embed.weight
+    assert model.decoder.output_layer.weight is shared and model.encoder.embed.weight is shared
+    untied = tiny_model(out_dim=TINY["emb_dim"], trg_vocab_size=13)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for p in untied.parameters()) - 2 * shared.numel()
+
+
+@pytest.mark.parametrize(
+    "bad,argument",
+    [
+        (dict(cell="lstm"), "cell"),
+        (dict(init_state="last"), "init_state"),
+        (dict(emb_dim=0), "emb_dim"),
+        (dict(dec_layers=1.5), "dec_layers"),
+        (dict(dropout_hidden=1.0), "dropout_hidden"),
+        (dict(dropout_word=-0.1), "dropout_word"),
+        (dict(maxout="yes"), "maxout"),
+        (dict(tie_output=True), "out_dim == emb_dim"),
+        (dict(tie_all=True, out_dim=8), "src_vocab_size == trg_vocab_size"),
+        (dict(eos_id=0), "distinct"),
+        (dict(eos_id=11), "eos_id"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(bad, argument):
+    with pytest.raises(ValueError, match=argument):
+        Seq2Seq(**{**TINY, **bad})
+
+
+def test_config_rebuilds_an_identical_model():
+    model = tiny_model("exact", 2, "mean", True, tie_output=True, out_dim=8, dropout_word=0.1)
+    config = json.loads(json.dumps(model.config))  # survives a JSON checkpoint
+    rebuilt = Seq2Seq(**config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.config == model.config
+    src, src_lengths = pad_batch([SHORT, LONG])
+    trg_in = torch.tensor([TRG_IN, TRG_IN])
+    torch.testing.assert_close(rebuilt(src, src_lengths, trg_in), model(src, src_lengths, trg_in))
+
+
+@pytest.mark.parametrize("cell", ["fused", "exact"])
+def test_forward_and_backward_under_bfloat16_autocast(cell):
+    model = tiny_model(cell, 2).train()
+    src, src_lengths = pad_batch([SHORT, LONG])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, src_lengths, torch.tensor([TRG_IN, TRG_IN]))
+    assert logits.isfinite().all()
+    logits.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_word_dropout_only_in_training():
+    model = tiny_model(dropout_word=0.5)
+    src, src_lengths = pad_batch([SHORT, LONG])
+    trg_in = torch.tensor([TRG_IN, TRG_IN])
+    torch.testing.assert_close(model(src, src_lengths, trg_in), model(src, src_lengths, trg_in))
+    model.train()
+    assert not torch.equal(model(src, src_lengths, trg_in), model(src, src_lengths, trg_in))
+
+
+# --- learning a toy task ------------------------------------------------------------
+
+REVERSE_VOCAB = 20
+
+
+def reverse_batch(batch_size: int, generator: torch.Generator):
+    """Random sentences of 3-8 tokens from ids 4..19 and their reversals.
+
+    :return: src ``[batch, src_len]``, src_lengths ``[batch]``, trg_in and trg_out
+        ``[batch, trg_len]`` (bos + reversal, reversal + eos)
+    """
+    lengths = torch.randint(3, 9, (batch_size,), generator=generator)
+    sentences = [torch.randint(4, REVERSE_VOCAB, (int(n),), generator=generator).tolist()
+                 for n in lengths]
+    src, src_lengths = pad_batch(sentences)
+    trg_in, _ = pad_batch([[BOS] + s[::-1] for s in sentences])
+    trg_out, _ = pad_batch([s[::-1] + [EOS] for s in sentences])
+    return src, src_lengths, trg_in, trg_out
+
+
+def train_reverser(cell: str, steps: int) -> tuple[Seq2Seq, list[float]]:
+    """Adam with a linear decay to zero and gradient clipping: the decay keeps the late
+    loss spikes of a near-perfect model from landing just before the evaluation."""
+    torch.manual_seed(1)
+    generator = torch.Generator().manual_seed(2)
+    model = Seq2Seq(src_vocab_size=REVERSE_VOCAB, trg_vocab_size=REVERSE_VOCAB, emb_dim=32,
+                    enc_hidden=64, dec_hidden=64, attn_dim=64, out_dim=32, cell=cell)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    losses = []
+    for _ in range(steps):
+        src, src_lengths, trg_in, trg_out = reverse_batch(64, generator)
+        logits = model(src, src_lengths, trg_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), trg_out.flatten(), ignore_index=PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def test_fused_model_learns_to_reverse_sequences():
+    model, losses = train_reverser("fused", steps=300)
+    src, src_lengths, _, trg_out = reverse_batch(200, torch.Generator().manual_seed(99))
+    hypotheses = greedy_search(model, src, src_lengths)
+    system = [" ".join(map(str, hyps[0].tokens)) for hyps in hypotheses]
+    reference = [" ".join(str(t) for t in row.tolist() if t not in (PAD, EOS)) for row in trg_out]
+    bleu = sacrebleu.corpus_bleu(system, [reference]).score
+    assert bleu >= 95, f"BLEU {bleu:.1f}, training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_exact_model_trains():
+    _, losses = train_reverser("exact", steps=100)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"

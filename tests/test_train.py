@@ -1,0 +1,186 @@
+"""Training end to end on a toy corpus: it learns, resumes bit-identically, and writes a
+run folder whose checkpoint alone rebuilds the model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.checkpoint import load_checkpoint, load_model
+from nmt.recipe import load_recipe
+from nmt.train import train
+from nmt.translate import SearchOptions, Translator
+
+ROOT = Path(__file__).parent.parent
+
+
+def toy_corpus(folder: Path, n_train: int = 600, seed: int = 0) -> None:
+    """A word-for-word 'translation': source word wN becomes target word vN."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(30)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", 40), ("test", 40)):
+        src, trg = [], []
+        for _ in range(n):
+            sent = [rng.choice(words) for _ in range(rng.randint(2, 7))]
+            src.append(" ".join(sent))
+            trg.append(" ".join(w.replace("w", "v") for w in sent))
+        (folder / f"{split}.xx").write_text("\n".join(src) + "\n")
+        (folder / f"{split}.yy").write_text("\n".join(trg) + "\n")
+
+
+TOY_RECIPE = """
+name: toy
+seed: 7
+data:
+  src_lang: xx
+  trg_lang: yy
+  source: local
+  path: {folder}/{{split}}.{{lang}}
+  valid_split: val
+  test_splits: [test]
+tokenizer:
+  vocab_size: 36
+  type: bpe
+model:
+  emb_dim: 32
+  enc_hidden: 32
+  dec_hidden: 64
+  attn_dim: 32
+  out_dim: 32
+  dropout_emb: 0.0
+  dropout_hidden: 0.0
+train:
+  batch_tokens: 400
+  lr: 0.003
+  max_epochs: 0
+  max_steps: {steps}
+  valid_every: {valid_every}
+  log_every: 5
+  label_smoothing: 0.0
+  threads: 1
+decode:
+  beam_size: 2
+"""
+
+
+def make_recipe(tmp_path: Path, steps: int, valid_every: int = 1000, extra: list[str] = ()):
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        toy_corpus(corpus)
+    path = tmp_path / "toy.yaml"
+    path.write_text(TOY_RECIPE.format(folder=corpus, steps=steps, valid_every=valid_every))
+    return load_recipe(path, list(extra))
+
+
+def test_learns_toy_task_and_writes_run_folder(tmp_path, capsys):
+    recipe = make_recipe(tmp_path, steps=200, valid_every=100)
+    result = train(recipe, tmp_path / "run", device="cpu")
+    run = tmp_path / "run"
+    assert result.steps == 200
+    assert result.best_bleu is not None and result.best_bleu > 60
+    for name in ("last.pt", "best.pt"):
+        assert (run / "checkpoints" / name).is_file()
+    assert (run / "recipe.yaml").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert train_losses[-1] < train_losses[0] / 3
+    valid_steps = [r["step"] for r in records if r["kind"] == "valid"]
+    assert {100, 200} <= set(valid_steps)  # every 100 updates, and at each epoch's end
+    # The final evaluation table on the test split went to stdout.
+    out = capsys.readouterr().out
+    assert "test" in out and "BLEU" in out
+    assert (run / "eval" / "test.hyp").is_file()
+
+
+def test_checkpoint_alone_rebuilds_model(tmp_path):
+    recipe = make_recipe(tmp_path, steps=30)
+    train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
+    moved = tmp_path / "elsewhere.pt"
+    (tmp_path / "run" / "checkpoints" / "best.pt").rename(moved)
+    loaded = load_model(moved)
+    payload = load_checkpoint(moved)
+    assert payload["model_config"] == loaded.model.config
+    assert loaded.recipe == recipe
+    translator = Translator(loaded, SearchOptions(beam_size=1), "cpu")
+    out = translator.translate_lines(["w1 w2 w3", "", "w4"])
+    assert len(out) == 3 and out[1] == ""
+
+
+def params(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Stopped at update 6 (with a validation there) and resumed to 12 equals 12 straight."""
+    straight = make_recipe(tmp_path, steps=12, valid_every=6)
+    train(straight, tmp_path / "a", device="cpu", evaluate_at_end=False)
+    first_half = make_recipe(tmp_path, steps=6, valid_every=6)
+    train(first_half, tmp_path / "b", device="cpu", evaluate_at_end=False)
+    result = train(straight, tmp_path / "b", device="cpu", evaluate_at_end=False)
+    assert result.steps == 12
+    a, b = params(tmp_path / "a/checkpoints/last.pt"), params(tmp_path / "b/checkpoints/last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_restart_sets_old_run_aside(tmp_path):
+    recipe = make_recipe(tmp_path, steps=4)
+    train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
+    result = train(recipe, tmp_path / "run", device="cpu", restart=True, evaluate_at_end=False)
+    assert result.steps == 4
+    old = list((tmp_path / "run").glob("old-*"))
+    assert len(old) == 1 and (old[0] / "checkpoints" / "last.pt").is_file()
+
+
+def test_sigint_saves_and_resumes(tmp_path):
+    """Ctrl-C in a real `nmt train` process: a checkpoint is saved, exit code 130."""
+    recipe_path = tmp_path / "toy.yaml"
+    make_recipe(tmp_path, steps=100000)
+    env = {**os.environ, "NMT_RUNS_DIR": str(tmp_path / "runs")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmt", "train", str(recipe_path), "--device", "cpu"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    metrics = tmp_path / "runs" / "toy" / "metrics.jsonl"
+    try:
+        for _ in range(600):  # wait for the first logged update (at most 60 s)
+            if metrics.exists() and metrics.read_text().strip():
+                break
+            if proc.poll() is not None:
+                break
+            __import__("time").sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    payload = load_checkpoint(tmp_path / "runs" / "toy" / "checkpoints" / "last.pt")
+    assert payload["step"] >= 5
+
+
+@pytest.mark.skipif(not os.environ.get("NMT_DATA_DIR"), reason="needs the Multi30k mirror (NMT_DATA_DIR)")
+def test_tiny_recipe_end_to_end_on_multi30k(tmp_path):
+    """`nmt train recipes/multi30k-tiny.yaml` on the real corpus (shortened), then translate."""
+    env = {**os.environ, "NMT_RUNS_DIR": str(tmp_path / "runs")}
+    cmd = [sys.executable, "-m", "nmt", "train", str(ROOT / "recipes/multi30k-tiny.yaml"),
+           "--set", "train.max_steps=40", "--set", "train.valid_every=40", "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test_2016_flickr" in done.stdout and "BLEU" in done.stdout
+    translate = subprocess.run(
+        [sys.executable, "-m", "nmt", "translate", "--beam-size", "2"],
+        input="Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen im Schnee.\n",
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert translate.returncode == 0, translate.stderr[-3000:]
+    assert len(translate.stdout.split("\n")) == 4 and translate.stdout.split("\n")[1] == ""
