@@ -8,7 +8,7 @@ read with `weights_only=True` (a file crafted to run code when unpickled is refu
     model         the state dict
     src_spm       serialized sentencepiece model of the source side (bytes)
     trg_spm       same for the target side (equal bytes when the vocabulary is joint)
-    max_src_len   longest source (in pieces) the model was trained on
+    max_src_len   longest source (in pieces) translated whole; longer ones are truncated
     recipe        the fully resolved recipe (plain dict)
     versions      nmt, torch, sentencepiece, sacrebleu versions that wrote it
     step, epoch   training progress when it was written
@@ -124,7 +124,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model=model,
         src_tok=src_tok,
         trg_tok=trg_tok,
-        max_src_len=int(payload.get("max_src_len", recipe.data.max_len)),
+        max_src_len=int(payload.get("max_src_len", 2 * recipe.data.max_len)),
         recipe=recipe,
         path=Path(path),
         payload=payload,

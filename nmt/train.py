@@ -119,7 +119,11 @@ def train(
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     decode_opts = SearchOptions.from_recipe(recipe.decode, beam_size=cfg.valid_beam_size)
-    translator_for = lambda: Translator(_Loaded(model, src_tok, trg_tok, recipe.data.max_len), decode_opts, dev)  # noqa: E731
+    # Inputs may be up to twice as long as the longest training sentence; longer ones are
+    # truncated (silently in validation, with a warning in `nmt translate`).
+    max_src_len = 2 * recipe.data.max_len
+    translator_for = lambda: Translator(_Loaded(model, src_tok, trg_tok, max_src_len), decode_opts, dev,  # noqa: E731
+                                        warn=lambda msg: None)
 
     def payload(with_train_state: bool, scores: dict) -> dict:
         out = {
@@ -127,7 +131,7 @@ def train(
             "model": model.state_dict(),
             "src_spm": src_tok.model_bytes,
             "trg_spm": trg_tok.model_bytes,
-            "max_src_len": recipe.data.max_len,
+            "max_src_len": max_src_len,
             "recipe": recipe.to_dict(),
             "step": state.step,
             "epoch": state.epoch,

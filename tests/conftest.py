@@ -91,3 +91,11 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     })
     preprocess(recipe, root / "run")
     return root / "run" / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run folder with a toy model trained to translate wN -> vN (shared, ~5 s)."""
+    from toy import train_toy
+
+    return train_toy(tmp_path_factory.mktemp("toy"))

@@ -193,6 +193,20 @@ def test_url_source_through_preprocess(corpus_dir, make_recipe, tmp_path):
     assert manifest["splits"]["test"]["pairs"] == 20
 
 
+def test_hub_source_through_preprocess(make_recipe, tmp_path):
+    import json
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    for split, pairs in (("train", synthetic_pairs(200)), ("validation", synthetic_pairs(5, seed=1))):
+        rows = "".join(json.dumps({"translation": {"de": s, "en": t}}) + "\n" for s, t in pairs)
+        (folder / f"{split}.jsonl").write_text(rows)
+    recipe = make_recipe({"source": "hub", "path": str(folder), "valid_split": "validation", "test_splits": ["test"]})
+    manifest = preprocess(recipe, tmp_path / "run")
+    assert manifest["splits"]["valid"]["pairs"] == 5 and manifest["test_splits"] == []
+    assert "datasets" in manifest["versions"]
+
+
 def test_wide_vocabularies_use_int32(tmp_path):
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.int32
     writer = TokenArrayWriter(tmp_path, "x", "src", vocab_size=70_000)

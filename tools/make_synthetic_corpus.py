@@ -34,7 +34,6 @@ LEXICON = 30_000
 CHUNK = 50_000
 RECIPE = """\
 name: synthetic
-seed: {seed}
 data:
   src_lang: xx
   trg_lang: yy
@@ -45,6 +44,7 @@ data:
   test_splits: [test]
   dedup: true
 tokenizer:
+  type: {tokenizer_type}
   vocab_size: {vocab_size}
   input_sentence_size: 1000000
 """
@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--plain", action="store_true", help="write plain text instead of gzip")
     parser.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the corpus")
+    parser.add_argument("--tokenizer-type", choices=["unigram", "bpe"], default="unigram", help="sentencepiece model type")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the corpus (the recipe keeps its default)")
     parser.add_argument("--reuse", action="store_true", help="keep an existing corpus of the same size")
     args = parser.parse_args()
 
@@ -130,7 +131,9 @@ def main() -> None:
         print(f"generated {args.pairs:,} pairs in {time.time() - started:.1f} s", file=sys.stderr)
 
     recipe_path = args.out.resolve() / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(seed=args.seed, corpus=corpus, suffix=suffix, vocab_size=args.vocab_size))
+    recipe_path.write_text(RECIPE.format(
+        corpus=corpus, suffix=suffix, vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type
+    ))
     recipe = load_recipe(recipe_path)
     started = time.time()
     manifest = preprocess(recipe, args.out.resolve() / "run", force=True)
@@ -139,10 +142,12 @@ def main() -> None:
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     read = manifest["cleaning"]["read"]
+    train = manifest["splits"]["train"]
     print(
         f"preprocess: {read:,} pairs in {seconds:.1f} s = {read / seconds:,.0f} pairs/s; "
         f"kept {manifest['cleaning']['kept']:,}; peak RSS {peak_self:,.0f} MiB "
-        f"(children {peak_children:,.0f} MiB)"
+        f"(children {peak_children:,.0f} MiB); pieces per sentence: "
+        f"src {train['src_tokens'] / train['pairs']:.1f}, trg {train['trg_tokens'] / train['pairs']:.1f}"
     )
 
 

@@ -260,11 +260,11 @@ def download(url: str) -> Path:
 
 def _hub_split(config, split: str, name: str) -> SplitSource:
     dataset = _load_hub_split(name, config.hub_config, split)
-    read = _column_reader(dataset, config, name)
+    columns, pick = _column_reader(dataset, config, name)
 
     def pairs() -> Iterator[tuple[str, str]]:
-        for batch in dataset.select_columns(read.columns).iter(batch_size=HUB_BATCH):
-            for src, trg in zip(*read(batch)):
+        for batch in dataset.select_columns(columns).iter(batch_size=HUB_BATCH):
+            for src, trg in zip(*pick(batch)):
                 yield _one_line(src), _one_line(trg)
 
     return SplitSource(split, f"hub dataset {name} split {split}", pairs)
@@ -289,18 +289,8 @@ def _load_hub_split(name: str, hub_config: str, split: str):
         raise DataError(f"cannot reach hub dataset {name}: {_first_line(e)}; {hint}") from None
 
 
-class _ColumnReader:
-    """Pulls the (source texts, target texts) lists out of one batch of a hub dataset."""
-
-    def __init__(self, columns: list[str], pick: Callable[[dict], tuple[list, list]]):
-        self.columns = columns
-        self._pick = pick
-
-    def __call__(self, batch: dict) -> tuple[list, list]:
-        return self._pick(batch)
-
-
-def _column_reader(dataset, config, name: str) -> _ColumnReader:
+def _column_reader(dataset, config, name: str) -> tuple[list[str], Callable[[dict], tuple[list, list]]]:
+    """The columns to read, and a function from a batch to its (sources, targets) lists."""
     existing = list(dataset.column_names)
     src_lang, trg_lang = config.src_lang, config.trg_lang
 
@@ -312,7 +302,7 @@ def _column_reader(dataset, config, name: str) -> _ColumnReader:
         src_col, trg_col = (str(c) for c in config.hub_columns)
         check(src_col)
         check(trg_col)
-        return _ColumnReader([src_col, trg_col], lambda b: (b[src_col], b[trg_col]))
+        return [src_col, trg_col], lambda b: (b[src_col], b[trg_col])
     if "translation" in existing:
         feature = dataset.features["translation"]
         keys = list(getattr(feature, "languages", None) or (feature if isinstance(feature, dict) else []))
@@ -326,14 +316,14 @@ def _column_reader(dataset, config, name: str) -> _ColumnReader:
             rows = batch["translation"]
             return [r.get(src_lang) for r in rows], [r.get(trg_lang) for r in rows]
 
-        return _ColumnReader(["translation"], pick)
+        return ["translation"], pick
     for lang in (src_lang, trg_lang):
         if lang not in existing:
             raise DataError(
                 f"hub dataset {name}: no column '{lang}' and no 'translation' column "
                 f"(columns: {', '.join(existing)}); set data.hub_columns"
             )
-    return _ColumnReader([src_lang, trg_lang], lambda b: (b[src_lang], b[trg_lang]))
+    return [src_lang, trg_lang], lambda b: (b[src_lang], b[trg_lang])
 
 
 def _one_line(value) -> str:

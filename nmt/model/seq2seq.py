@@ -115,12 +115,29 @@ class Seq2Seq(nn.Module):
         self.dropout_word = dropout_word
 
         self.encoder = Encoder(
-            src_vocab_size, emb_dim, enc_hidden, enc_layers, cell,
-            dropout_emb, dropout_hidden, pad_id,
+            vocab_size=src_vocab_size,
+            emb_dim=emb_dim,
+            hidden_size=enc_hidden,
+            layers=enc_layers,
+            cell=cell,
+            dropout_emb=dropout_emb,
+            dropout_hidden=dropout_hidden,
+            pad_id=pad_id,
         )
         self.decoder = Decoder(
-            trg_vocab_size, emb_dim, 2 * enc_hidden, dec_hidden, dec_layers, attn_dim, out_dim,
-            maxout, cell, init_state, dropout_emb, dropout_hidden, pad_id,
+            vocab_size=trg_vocab_size,
+            emb_dim=emb_dim,
+            annotation_size=2 * enc_hidden,
+            hidden_size=dec_hidden,
+            layers=dec_layers,
+            attn_dim=attn_dim,
+            out_dim=out_dim,
+            maxout=maxout,
+            cell=cell,
+            init_state=init_state,
+            dropout_emb=dropout_emb,
+            dropout_hidden=dropout_hidden,
+            pad_id=pad_id,
         )
         self._reset_parameters()
         if tie_output or tie_all:  # Press & Wolf (2017)

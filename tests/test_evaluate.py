@@ -1,0 +1,61 @@
+"""`nmt evaluate`: scores equal the sacrebleu command line's on the same files."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from nmt.cli import app
+from nmt.evaluate import score
+
+runner = CliRunner()
+
+
+def sacrebleu_cli(ref, hyp, *extra) -> float:
+    done = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b", "-w", "4", *extra],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def test_evaluate_run_agrees_with_sacrebleu_cli(trained_run):
+    result = runner.invoke(app, ["evaluate", "--model", str(trained_run)])
+    assert result.exit_code == 0, result.output
+    assert "test" in result.stdout and "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in result.stdout
+    report = json.loads((trained_run / "eval" / "report.json").read_text())
+    row = report[0]
+    hyp = trained_run / "eval" / "test.hyp"
+    ref = trained_run / "data" / "test.trg.txt"
+    assert row["bleu"] == round(sacrebleu_cli(ref, hyp), 2)
+    assert row["chrf"] == round(sacrebleu_cli(ref, hyp, "-m", "chrf"), 2)
+    assert row["bleu_lc"] == round(sacrebleu_cli(ref, hyp, "-lc"), 2)
+    assert row["bleu"] > 50
+
+
+def test_evaluate_src_ref_files(trained_run, tmp_path):
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("w1 w2\nw3\n")
+    ref.write_text("v1 v2\nv3\n")
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(src), "--ref", str(ref), "--beam-size", "1"])
+    assert result.exit_code == 0, result.output
+    assert "s.txt" in result.stdout
+
+
+def test_evaluate_errors(trained_run, tmp_path):
+    src = tmp_path / "s.txt"
+    src.write_text("a\nb\n")
+    ref = tmp_path / "r.txt"
+    ref.write_text("a\n")
+    cases = [
+        (["--src", str(src)], "--src and --ref go together", 2),
+        (["--split", "nope"], "split 'nope' not in", 2),
+        (["--src", str(src), "--ref", str(ref)], "has 2 lines but", 1),
+    ]
+    for args, message, code in cases:
+        result = runner.invoke(app, ["evaluate", "-m", str(trained_run), *args])
+        assert result.exit_code == code and message in result.output, result.output
+
+
+def test_score_table_fields():
+    row = score("x", ["a b c d"], ["a b c d"])
+    assert row.bleu == 100.0 and row.ter == 0.0 and row.bleu_signature.startswith("nrefs:1")

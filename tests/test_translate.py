@@ -1,0 +1,133 @@
+"""`nmt translate`: one output line per input line, in order, whatever the input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from nmt.checkpoint import load_model
+from nmt.cli import app
+from nmt.translate import SearchOptions, Translator, read_lines, translate_stream
+
+runner = CliRunner()
+
+
+def run_cli(args, input_bytes: bytes, env=None):
+    return subprocess.run([sys.executable, "-m", "nmt", "translate", *args], input=input_bytes,
+                          capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_translates_the_toy_task(trained_run):
+    done = run_cli(["--model", str(trained_run), "--beam-size", "3"], b"w1 w2 w3\nw4 w5\n")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().splitlines() == ["v1 v2 v3", "v4 v5"]
+
+
+def test_awkward_input_keeps_line_count_and_order(trained_run):
+    lines = [b"w1 w2", b"", b"   ", b"w3\r", b"\xff\xfe w4 \xc3", b"w5 " * 5000, b"\x00w6\x00", b"w7 w8"]
+    data = b"\n".join(lines)  # no final newline
+    done = run_cli(["--model", str(trained_run), "--batch-size", "2"], data)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode().split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert out[1] == "" and out[2] == ""
+    assert out[0] and out[3] and out[7]
+    err = done.stderr.decode()
+    assert "line 5: invalid UTF-8" in err and "line 6:" in err and "truncated" in err
+
+
+def test_empty_input_gives_empty_output(trained_run):
+    done = run_cli(["--model", str(trained_run)], b"")
+    assert done.returncode == 0 and done.stdout == b""
+
+
+def test_latest_run_is_the_default(trained_run):
+    done = run_cli([], b"w1\n", env={"NMT_RUNS_DIR": str(trained_run.parent)})
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == "v1\n"
+
+
+def test_input_output_files_and_nbest(trained_run, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("w1 w2\nw3\n")
+    out = tmp_path / "out.txt"
+    result = runner.invoke(app, ["translate", "-m", str(trained_run), "-i", str(src), "-o", str(out), "--nbest", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2"), ("1", "3")]
+    assert rows[0][3] == "v1 v2"
+    scores = [float(r[2]) for r in rows[:3]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("option", [
+    ["--beam-size", "1"], ["--beam-size", "4"], ["--length-penalty", "0"], ["--max-len-ratio", "0.5"],
+    ["--batch-size", "1"], ["--device", "cpu"],
+])
+def test_every_option_works(trained_run, tmp_path, option):
+    src = tmp_path / "in.txt"
+    src.write_text("w1 w2 w3\n\nw4\n")
+    result = runner.invoke(app, ["translate", "-m", str(trained_run), "-i", str(src), *option])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_max_len_ratio_limits_output(trained_run, tmp_path):
+    loaded = load_model(trained_run / "checkpoints" / "best.pt")
+    short = Translator(loaded, SearchOptions(beam_size=2, max_len_a=0.0, max_len_b=1), "cpu")
+    assert all(len(t.split()) <= 1 for t in short.translate_lines(["w1 w2 w3 w4 w5 w6"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/run"], "no such checkpoint or run folder"),
+    (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
+])
+def test_bad_options_are_one_line_errors(trained_run, args, message):
+    done = run_cli(args, b"w1\n", env={"NMT_RUNS_DIR": str(trained_run.parent)})
+    err = done.stderr.decode()
+    assert done.returncode != 0 and message in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    done = run_cli(["--model", str(bad)], b"w1\n")
+    assert done.returncode == 1
+    assert f"error: {bad}: corrupt or truncated checkpoint" in done.stderr.decode()
+
+
+def test_no_trained_run_is_a_clear_error(tmp_path):
+    done = run_cli([], b"w1\n", env={"NMT_RUNS_DIR": str(tmp_path)})
+    assert done.returncode == 1 and "no trained model found" in done.stderr.decode()
+
+
+def test_stream_writes_each_window_before_input_ends(trained_run):
+    """A pipe sees the first window's output before the rest of the input arrives."""
+    loaded = load_model(trained_run / "checkpoints" / "best.pt")
+    translator = Translator(loaded, SearchOptions(beam_size=1), "cpu")
+    written = []
+
+    class Out:
+        def write(self, text):
+            written.append(text)
+
+        def flush(self):
+            pass
+
+    def lines():
+        yield from ["w1", "w2"]
+        assert written, "the first window was not written before more input was read"
+        yield "w3"
+
+    assert translate_stream(translator, lines(), Out(), window=2) == 3
+    assert "".join(written).splitlines() == ["v1", "v2", "v3"]
+
+
+def test_read_lines_handles_crlf_and_bad_bytes(capsys):
+    import io
+
+    got = list(read_lines(io.BytesIO(b"a\r\nb\xff\n\nc")))
+    assert got == ["a", "b\ufffd", "", "c"]
+    assert "line 2: invalid UTF-8" in capsys.readouterr().err
