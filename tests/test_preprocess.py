@@ -161,7 +161,9 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("name, breakage, culprit, message", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
-def test_bad_input_names_the_file_and_leaves_nothing(corpus_dir, make_recipe, tmp_path, name, breakage, culprit, message):
+def test_bad_input_names_the_file_and_leaves_nothing(
+    corpus_dir, make_recipe, tmp_path, name, breakage, culprit, message
+):
     breakage(corpus_dir)
     run = tmp_path / "run"
     with pytest.raises(DataError, match=message) as error:

@@ -87,6 +87,7 @@ def test_sigint_saves_and_resumes(tmp_path):
     recipe_path = tmp_path / "toy.yaml"
     make_recipe(tmp_path, steps=100000)
     env = {**os.environ, "NMT_RUNS_DIR": str(tmp_path / "runs")}
+    env.pop("NMT_DATA_DIR", None)  # the toy corpus, not a mirror
     proc = subprocess.Popen(
         [sys.executable, "-m", "nmt", "train", str(recipe_path), "--device", "cpu"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,

@@ -110,7 +110,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--plain", action="store_true", help="write plain text instead of gzip")
     parser.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
-    parser.add_argument("--tokenizer-type", choices=["unigram", "bpe"], default="unigram", help="sentencepiece model type")
+    parser.add_argument(
+        "--tokenizer-type", choices=["unigram", "bpe"], default="unigram", help="sentencepiece model type"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for the corpus (the recipe keeps its default)")
     parser.add_argument("--reuse", action="store_true", help="keep an existing corpus of the same size")
     args = parser.parse_args()
