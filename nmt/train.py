@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
@@ -27,6 +26,7 @@ from nmt.data.corpus import EncodedCorpus
 from nmt.data.preprocess import is_fresh, preprocess
 from nmt.data.tokenizer import load_tokenizers
 from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
+from nmt.loss import smoothed_cross_entropy
 from nmt.model.build import build_model
 from nmt.recipe import Recipe, dump_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
@@ -158,8 +158,7 @@ def train(
                 b = {k: v.to(dev) for k, v in collate(valid_set, idx).items()}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = model(b["src"], b["src_lengths"], b["trg_in"])
-                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), b["trg_out"].flatten(),
-                                            ignore_index=0, reduction="sum").item()
+                loss_sum += smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten()).item()
                 n_tok += int((b["trg_out"] != 0).sum())
             hyps = translator_for().translate_lines(valid_src)
         model.train()
@@ -266,8 +265,7 @@ def _update(model, optimizer, corpus, group, cfg, dev, use_bf16) -> tuple[float,
         b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(b["src"], b["src_lengths"], b["trg_in"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), b["trg_out"].flatten(), ignore_index=0,
-                               label_smoothing=cfg.label_smoothing, reduction="sum")
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten(), smoothing=cfg.label_smoothing)
         (loss / n_tok).backward()
         total += loss.item()
     if cfg.clip_norm > 0:

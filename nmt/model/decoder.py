@@ -121,9 +121,13 @@ class Decoder(nn.Module):
         emb = self.embed(trg_in)  # batch x trg_len x emb
         emb = F.dropout(emb, self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x 3*hidden
+        # Slice the context's columns of the layer-1 input weights once, not per step:
+        # a slice's backward allocates a zero gradient the size of the whole weight.
+        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]  # 3*hidden x annotation_size
         states, contexts = [], []
-        for i in range(trg_in.size(1)):
-            state, context, _ = self._recur(emb_gates[:, i], state, keys, annotations, src_mask)
+        # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
+        for gates_i in emb_gates.unbind(1):
+            state, context, _ = self._recur(gates_i, state, keys, annotations, src_mask, ctx_weight)
             states.append(state[-1])
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
@@ -150,21 +154,30 @@ class Decoder(nn.Module):
         """
         emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
         emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
-        state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask)
+        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]
+        state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask, ctx_weight)
         return self._output(state[-1], emb, context), state, weights
 
     def _recur(
-        self, emb_gates: Tensor, state: Tensor, keys: Tensor, annotations: Tensor, src_mask: Tensor
+        self,
+        emb_gates: Tensor,
+        state: Tensor,
+        keys: Tensor,
+        annotations: Tensor,
+        src_mask: Tensor,
+        ctx_weight: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Steps 1 and 2: attention from s_{i-1}, then the stacked GRU update.
 
         :param emb_gates: ``[batch, 3 * hidden]`` layer-1 gates from E y_{i-1} (with bias)
         :param state: ``[layers, batch, hidden]`` s_{i-1}
+        :param ctx_weight: ``[3 * hidden, annotation_size]`` the context's columns of
+            layer 1's input weights
         :return: s_i ``[layers, batch, hidden]``, c_i ``[batch, annotation_size]``,
             a_i ``[batch, src_len]``
         """
         context, weights = self.attention(state[-1], keys, annotations, src_mask)
-        gates = emb_gates + self.cells[0].project_input(context, offset=self.emb_dim, bias=False)
+        gates = emb_gates + F.linear(context, ctx_weight)
         new_states = [self.cells[0].step(gates, state[0])]  # layer 1 reads [E y_{i-1}; c_i]
         for layer in range(1, self.layers):
             below = F.dropout(new_states[-1], self.dropout_hidden, self.training)

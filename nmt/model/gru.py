@@ -177,9 +177,10 @@ def run_gru(
     h = gates_x.new_zeros(batch_size, cell.hidden_size)
     steps = range(src_len - 1, -1, -1) if reverse else range(src_len)
     outputs: list[Tensor] = [h] * src_len
+    gates_t, real_t = gates_x.unbind(1), mask.unsqueeze(2).unbind(1)  # cheaper backward than [:, t]
     for t in steps:
-        real = mask[:, t].unsqueeze(1)  # batch x 1
-        h = torch.where(real, cell.step(gates_x[:, t], h), h)
+        real = real_t[t]  # batch x 1
+        h = torch.where(real, cell.step(gates_t[t], h), h)
         outputs[t] = h
     states = torch.stack(outputs, dim=1) * mask.unsqueeze(2)  # batch x src_len x hidden
     return states, h
