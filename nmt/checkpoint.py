@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 FORMAT = "nmt-checkpoint-1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class CheckpointError(Exception):
@@ -55,6 +57,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
@@ -92,15 +95,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 @dataclass
 class LoadedModel:
-    """What decoding needs, rebuilt from a checkpoint alone."""
+    """What decoding needs: a model in eval mode and its tokenizers (from a checkpoint
+    by `load_model`, or the live model during training)."""
 
     model: torch.nn.Module
     src_tok: Any
     trg_tok: Any
     max_src_len: int
-    recipe: Any
-    path: Path
-    payload: dict
+    recipe: Any = None
+    path: Path | None = None
+    payload: dict | None = None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -13,6 +13,14 @@ from typing import List, Optional
 
 import typer
 
+def _version(value: bool):
+    if value:
+        from nmt import __version__
+
+        print(f"nmt {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -31,6 +39,13 @@ DataDirOpt = typer.Option(
     help="local mirror of the corpus: files {split}.{lang}[.gz] (env NMT_DATA_DIR)",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda")
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+):
+    """Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention)."""
 
 
 def fail(message: str, code: int = 1):
@@ -67,7 +82,7 @@ def _device(name: str):
 def _guard(fn):
     """Run fn, turning the toolkit's own errors into one-line messages."""
     from nmt.checkpoint import CheckpointError
-    from nmt.data.preprocess import DataError
+    from nmt.data import DataError
     from nmt.runs import RunError
     from nmt.train import TrainError
 
@@ -171,14 +186,18 @@ def translate(
 
 
 def _interactive(translator) -> None:
+    """A prompt on stderr, translations on stdout, one line at a time."""
     print("Type a sentence and press Enter; Ctrl-D to quit.", file=sys.stderr)
     while True:
+        print("> ", end="", file=sys.stderr, flush=True)
         try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
+        if not line:
             print(file=sys.stderr)
             return
-        print(translator.translate_lines([line])[0])
+        print(translator.translate_lines([line.rstrip("\r\n")])[0], flush=True)
 
 
 @app.command()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nmt.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from nmt.checkpoint import CheckpointError, LoadedModel, atomic_write, load_checkpoint, save_checkpoint
 from nmt.data.batching import collate, token_batches
 from nmt.data.corpus import EncodedCorpus
 from nmt.data.preprocess import is_fresh, preprocess
@@ -122,7 +122,7 @@ def train(
     # Inputs may be up to twice as long as the longest training sentence; longer ones are
     # truncated (silently in validation, with a warning in `nmt translate`).
     max_src_len = 2 * recipe.data.max_len
-    translator_for = lambda: Translator(_Loaded(model, src_tok, trg_tok, max_src_len), decode_opts, dev,  # noqa: E731
+    translator_for = lambda: Translator(LoadedModel(model, src_tok, trg_tok, max_src_len), decode_opts, dev,  # noqa: E731
                                         warn=lambda msg: None)
 
     def payload(with_train_state: bool, scores: dict) -> dict:
@@ -202,7 +202,8 @@ def train(
             groups = [batches[i : i + cfg.accum_steps] for i in range(0, len(batches), cfg.accum_steps)]
             for group in groups[state.group_in_epoch :]:
                 lr = schedule.apply(optimizer, state.step)
-                loss, n_tok, n_src = _update(model, optimizer, train_set, group, cfg, dev, use_bf16)
+                batches_in_group = [collate(train_set, idx) for idx in group]
+                loss, n_tok, n_src = train_step(model, optimizer, batches_in_group, cfg, dev, use_bf16)
                 state.step += 1
                 state.group_in_epoch += 1
                 window["loss"] += loss * n_tok
@@ -249,14 +250,13 @@ def train(
                        stopped_early=stopped_early, interrupted=interrupted)
 
 
-def _update(model, optimizer, corpus, group, cfg, dev, use_bf16) -> tuple[float, int, int]:
-    """One optimizer update over a group of batches (gradient accumulation).
+def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool) -> tuple[float, int, int]:
+    """One optimizer update over a group of collated batches (gradient accumulation).
 
     The loss is summed over target tokens and divided by the group's token count, so an
     update is the same whether the group is one batch or several.
     Returns the mean per-token loss, target tokens and source tokens of the group.
     """
-    batches = [collate(corpus, idx) for idx in group]
     n_tok = sum(int((b["trg_out"] != 0).sum()) for b in batches)
     n_src = sum(int(b["src_lengths"].sum()) for b in batches)
     optimizer.zero_grad(set_to_none=True)
@@ -284,13 +284,6 @@ def _keep_best(ckpts: Path, state: TrainState, bleu: float, keep: int, save) -> 
         (ckpts / f"step-{step}.pt").unlink(missing_ok=True)
     state.best = kept
     link_or_copy(ckpts / f"step-{kept[0][1]}.pt", ckpts / "best.pt")
-
-
-class _Loaded:
-    """The live model seen through the same fields as checkpoint.LoadedModel."""
-
-    def __init__(self, model, src_tok, trg_tok, max_src_len):
-        self.model, self.src_tok, self.trg_tok, self.max_src_len = model, src_tok, trg_tok, max_src_len
 
 
 def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> Path | None:

@@ -131,3 +131,25 @@ def test_read_lines_handles_crlf_and_bad_bytes(capsys):
     got = list(read_lines(io.BytesIO(b"a\r\nb\xff\n\nc")))
     assert got == ["a", "b\ufffd", "", "c"]
     assert "line 2: invalid UTF-8" in capsys.readouterr().err
+
+
+def test_interactive_prompt_on_a_terminal(trained_run):
+    """With a terminal on stdin, a prompt (on stderr) translates line by line."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(trained_run), "-b", "1"],
+                            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(follower)
+    os.write(leader, b"w1 w2\n")
+    os.write(leader, b"\x04")  # Ctrl-D: end of input
+    out, err = proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, err.decode()
+    assert b"Ctrl-D to quit" in err and b"> " in err
+    assert len(out.decode().splitlines()) == 1
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("nmt ")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def batch_cost(n_sentences: int, longest_src: int, longest_trg: int) -> int:

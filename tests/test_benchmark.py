@@ -1,0 +1,39 @@
+"""tools/benchmark.py runs end to end on the toy task and reports every figure."""
+
+import json
+import sys
+from pathlib import Path
+
+from toy import make_recipe
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+import benchmark  # noqa: E402
+
+
+def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_run, capsys):
+    make_recipe(tmp_path, steps=10)
+    out = tmp_path / "bench.json"
+    result = benchmark.main([
+        "--recipe", str(tmp_path / "toy.yaml"), "--device", "cpu", "--steps", "3", "--warmup", "1",
+        "--run-dir", str(tmp_path / "run"), "--checkpoint", str(trained_run / "checkpoints" / "best.pt"),
+        "--json", str(out),
+    ])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    t = result["training"]
+    assert t["trg_tokens_per_s"] > 0 and t["trg_tokens_per_s_no_loading"] > 0 and t["seconds_per_epoch"] > 0
+    assert 0 < t["mfu"] < 1.5
+    assert [d["beam_size"] for d in result["decoding"]] == [1, 5]
+    assert all(d["bleu"] > 50 and d["sentences_per_s"] > 0 for d in result["decoding"])
+    assert result["peak_rss_mb"] > 0
+    table = capsys.readouterr().out
+    assert "MFU" in table and "decode beam 5" in table
+
+
+def test_flops_count_grows_with_the_vocabulary():
+    from nmt.recipe import ModelConfig
+
+    small = benchmark.matmul_shapes(ModelConfig(), 100, 1000, 10, 10.0, 10.0)
+    large = benchmark.matmul_shapes(ModelConfig(), 100, 8000, 10, 10.0, 10.0)
+    per_token = lambda shapes: benchmark.flops_per_target_token(shapes, 10.0)  # noqa: E731
+    # The output layer adds 3 x 2 x out_dim x vocabulary FLOPs per target token.
+    assert abs(per_token(large) - per_token(small) - 3 * 2 * 256 * 7000) < 1
