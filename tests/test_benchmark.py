@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 import benchmark  # noqa: E402
 
 
-def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_run, capsys):
+def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_run, capsys, monkeypatch):
+    monkeypatch.delenv("NMT_DATA_DIR", raising=False)  # the toy corpus, not a mirror
     make_recipe(tmp_path, steps=10)
     out = tmp_path / "bench.json"
     result = benchmark.main([
