@@ -141,6 +141,13 @@ def test_mirror_replaces_url_source_and_prefers_gz(tmp_path, make_recipe):
         open_split(recipe.data, "test", data_dir=tmp_path / "mirror")
 
 
+def test_mirror_does_not_redirect_a_local_source(tmp_path, make_recipe):
+    write_split(tmp_path / "mine", "train", PAIRS[:4])
+    write_split(tmp_path / "mirror", "train", PAIRS)
+    recipe = make_recipe({"source": "local", "path": str(tmp_path / "mine" / "{split}.{lang}")})
+    assert _read(recipe.data, "train", data_dir=tmp_path / "mirror") == PAIRS[:4]
+
+
 # ------------------------------------------------------------------------------- hub
 
 

@@ -12,8 +12,8 @@ the line terminator ("\\n", then one "\\r") and a UTF-8 byte-order mark on line 
   local dataset folder. Columns come from `hub_columns`, else a `translation` dict keyed
   by language code, else columns named by the language codes. Line breaks inside a hub
   sentence become spaces (every artifact stores one sentence per line).
-- a local mirror (`data_dir`, from `--data-dir` / `$NMT_DATA_DIR`) replaces url and local
-  sources by `{data_dir}/{split}.{lang}.gz` or `{data_dir}/{split}.{lang}`. For a hub
+- a local mirror (`data_dir`, from `--data-dir` / `$NMT_DATA_DIR`) replaces url
+  sources (a local source already names its files) by `{data_dir}/{split}.{lang}.gz` or `{data_dir}/{split}.{lang}`. For a hub
   source it is used the same way when it holds the training files, and is otherwise
   loaded as a local dataset folder in place of the hub name.
 
@@ -70,7 +70,9 @@ def open_split(config, split: str, *, data_dir: Path | None = None) -> SplitSour
     does not exist and `DataError` for anything else that makes it unreadable.
     """
     langs = (config.src_lang, config.trg_lang)
-    if data_dir is not None and (config.source != "hub" or _mirror_has(data_dir, config.train_split, langs)):
+    if config.source == "local":
+        data_dir = None  # the recipe names its own files; a mirror is for downloads
+    if data_dir is not None and (config.source == "url" or _mirror_has(data_dir, config.train_split, langs)):
         paths = [_mirror_file(Path(data_dir), split, lang) for lang in langs]
     elif config.source == "hub":
         name = str(data_dir) if data_dir is not None else config.path
@@ -85,7 +87,7 @@ def open_split(config, split: str, *, data_dir: Path | None = None) -> SplitSour
 
 def describe(config, data_dir: Path | None = None) -> str:
     """A one-line description of where the corpus is read from."""
-    if data_dir is not None:
+    if data_dir is not None and config.source != "local":
         return f"local mirror {data_dir}"
     if config.source == "hub":
         extra = f" ({config.hub_config})" if config.hub_config else ""
