@@ -93,6 +93,8 @@ def _guard(fn):
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
 
 
 @app.command()

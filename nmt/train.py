@@ -295,6 +295,9 @@ def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> 
         payload = load_checkpoint(last, map_location=dev)
     except CheckpointError as e:
         raise TrainError(f"{e}; move it aside or use --restart") from None
+    if payload["model_config"] != model.config or "train_state" not in payload:
+        raise TrainError(f"{last} holds a different model than the recipe describes; "
+                         "use --restart (or another --run-dir) to train this one")
     model.load_state_dict(payload["model"])
     ts = payload["train_state"]
     optimizer.load_state_dict(ts["optimizer"])

@@ -13,7 +13,7 @@ import torch
 
 from nmt.checkpoint import load_checkpoint, load_model
 from nmt.recipe import load_recipe
-from nmt.train import train
+from nmt.train import TrainError, train
 from nmt.translate import SearchOptions, Translator
 
 from toy import make_recipe
@@ -80,6 +80,13 @@ def test_restart_sets_old_run_aside(tmp_path):
     assert result.steps == 4
     old = list((tmp_path / "run").glob("old-*"))
     assert len(old) == 1 and (old[0] / "checkpoints" / "last.pt").is_file()
+
+
+def test_changed_model_refuses_to_resume(tmp_path):
+    train(make_recipe(tmp_path, steps=2), tmp_path / "run", device="cpu", evaluate_at_end=False)
+    wider = make_recipe(tmp_path, steps=4, extra=["model.dec_hidden=96"])
+    with pytest.raises(TrainError, match="holds a different model.*--restart"):
+        train(wider, tmp_path / "run", device="cpu", evaluate_at_end=False)
 
 
 def test_sigint_saves_and_resumes(tmp_path):

@@ -53,7 +53,7 @@ LENGTH_RULES = ("max_len", "max_len_ratio")  # applied at encoding; the text sta
 def preprocess(recipe, run_dir: Path, *, data_dir: Path | None = None, force: bool = False) -> dict:
     """Run the data stage into `run_dir/data`; return the manifest dict.
 
-    `data_dir` is a local mirror replacing url/local sources (see `nmt.data.sources`);
+    `data_dir` is a local mirror replacing downloads (see `nmt.data.sources`);
     `force` redoes every stage. Logs, progress bars and the summary go to stderr.
     """
     started = time.time()
