@@ -122,8 +122,8 @@ def train(
     # Inputs may be up to twice as long as the longest training sentence; longer ones are
     # truncated (silently in validation, with a warning in `nmt translate`).
     max_src_len = 2 * recipe.data.max_len
-    translator_for = lambda: Translator(LoadedModel(model, src_tok, trg_tok, max_src_len), decode_opts, dev,  # noqa: E731
-                                        warn=lambda msg: None)
+    valid_translator = Translator(LoadedModel(model, src_tok, trg_tok, max_src_len), decode_opts, dev,
+                                  warn=lambda msg: None)
 
     def payload(with_train_state: bool, scores: dict) -> dict:
         out = {
@@ -160,7 +160,7 @@ def train(
                     logits = model(b["src"], b["src_lengths"], b["trg_in"])
                 loss_sum += smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten()).item()
                 n_tok += int((b["trg_out"] != 0).sum())
-            hyps = translator_for().translate_lines(valid_src)
+            hyps = valid_translator.translate_lines(valid_src)
         model.train()
         bleu = bleu_score(hyps, valid_ref)
         loss = loss_sum / max(n_tok, 1)
