@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an nmt checkpoint")
-    for key in ("model_config", "model", "src_spm", "trg_spm", "recipe"):
+    for key in ("model_config", "model", "src_spm", "trg_spm", "max_src_len", "recipe"):
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     return payload
@@ -128,7 +128,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model=model,
         src_tok=src_tok,
         trg_tok=trg_tok,
-        max_src_len=int(payload.get("max_src_len", 2 * recipe.data.max_len)),
+        max_src_len=int(payload["max_src_len"]),
         recipe=recipe,
         path=Path(path),
         payload=payload,
