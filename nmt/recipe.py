@@ -113,6 +113,10 @@ class TrainConfig:
     valid_every: int = _f(500, "validate every N updates (and at each epoch's end)", min=1)
     valid_beam_size: int = _f(1, "beam size for validation BLEU (1: greedy)", min=1)
     keep_best: int = _f(2, "keep this many best checkpoints by validation BLEU", min=1)
+    save_every: int = _f(0, "also save checkpoints/last.pt every N updates (0: at validations only)", min=0)
+    max_nonfinite: int = _f(
+        5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)", min=1,
+    )
     patience: int = _f(0, "stop after N validations without BLEU improvement (0: off)", min=0)
     log_every: int = _f(50, "write a metrics line every N updates", min=1)
     precision: str = _f(
