@@ -276,6 +276,9 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
     if stopped_early:
         log(f"early stopping: no BLEU improvement in {cfg.patience} validations")
 
+    if cfg.average_best and not interrupted and len(state.best) >= 2:
+        _average_best(ckpts, state, cfg.average_best, model, lambda: bleu_score(
+            valid_translator.translate_lines(valid_src), valid_ref), metrics)
     best_path = ckpts / "best.pt"
     if evaluate_at_end and not interrupted and best_path.is_file():
         _evaluate_best(best_path, run_dir, dev)
@@ -346,6 +349,28 @@ def _save_last(ckpts: Path, state: TrainState, payload) -> None:
         link_or_copy(last, ckpts / "prev.pt")
     state.saved_step = state.step
     _save(last, payload())
+
+
+def _average_best(ckpts: Path, state: TrainState, n: int, model, valid_bleu, metrics: MetricsLog) -> None:
+    """Average the n best checkpoints into average.pt and validate it; best.pt becomes
+    the average when its BLEU beats the best single checkpoint's."""
+    from nmt.average import average_payloads
+
+    chosen = [step for _, step in state.best[:n]]
+    files = [ckpts / f"step-{step}.pt" for step in chosen]
+    averaged = average_payloads([load_checkpoint(p) for p in files], [p.name for p in files])
+    model.load_state_dict(averaged["model"])  # training is over: decode with the average
+    model.eval()
+    bleu = valid_bleu()
+    averaged["metrics"] = {"valid_bleu": bleu}
+    _save(ckpts / "average.pt", averaged)
+    metrics.write(kind="average", step=state.step, valid_bleu=bleu, averaged_steps=chosen)
+    single = state.best[0][0]
+    if bleu > single:
+        link_or_copy(ckpts / "average.pt", ckpts / "best.pt")
+    log(f"average of the {len(chosen)} best checkpoints (updates {', '.join(map(str, chosen))}): validation BLEU "
+        f"{bleu:.2f} against {single:.2f} for the best single one; best.pt is "
+        + ("the average" if bleu > single else f"step-{state.best[0][1]}.pt"))
 
 
 def _remove_partial_writes(ckpts: Path) -> None:
