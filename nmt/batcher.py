@@ -46,8 +46,9 @@ class BatcherStats:
 class DynamicBatcher:
     """One worker thread that decodes queued requests in shared batches.
 
-    decode(lines, key) must return one result per line, in order; an exception it
-    raises fails every request of that batch (and only those), and the worker goes on.
+    decode(lines, key) must return one result per line, in order. When it raises, the
+    batch's requests are decoded again one by one, so that only a request that fails on
+    its own gets the exception (through its future); the worker goes on either way.
     """
 
     def __init__(self, decode: Callable[[list[str], Hashable], list], *, max_batch: int, max_wait_ms: float):
@@ -138,23 +139,36 @@ class DynamicBatcher:
     def _decode(self, batch: list[_Request]) -> None:
         # A request whose caller went away (cancelled future) is dropped here, undecoded.
         batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
-        lines = [line for r in batch for line in r.lines]
-        if not batch:
-            return
+        if batch:
+            self._resolve(batch)
+
+    def _resolve(self, batch: list[_Request]) -> None:
+        """Decode `batch` (running futures) and resolve each with its own results."""
         try:
-            results = self.decode(lines, batch[0].key) if lines else []
-            if len(results) != len(lines):
-                raise RuntimeError(f"decode returned {len(results)} results for {len(lines)} lines")
+            results = self._call(batch)
         except Exception as e:  # noqa: BLE001 - the worker must outlive any one batch
-            log.exception("decoding a batch of %d sentences failed", len(lines))
+            if len(batch) == 1:
+                log.exception("decoding a request of %d sentences failed", len(batch[0].lines))
+                batch[0].future.set_exception(e)
+                return
+            # One bad request must not fail the others: decode each alone.
+            log.warning("decoding a batch of %d requests failed (%s); decoding them one by one", len(batch), e)
             for r in batch:
-                r.future.set_exception(e)
+                self._resolve([r])
             return
-        self.stats.requests += len(batch)
-        self.stats.sentences += len(lines)
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
         start = 0
         for r in batch:
             r.future.set_result(results[start : start + len(r.lines)])
             start += len(r.lines)
+
+    def _call(self, batch: list[_Request]) -> list:
+        """One decode call for the lines of `batch`, in order; counted in the stats."""
+        lines = [line for r in batch for line in r.lines]
+        results = self.decode(lines, batch[0].key) if lines else []
+        if len(results) != len(lines):
+            raise RuntimeError(f"decode returned {len(results)} results for {len(lines)} lines")
+        self.stats.requests += len(batch)
+        self.stats.sentences += len(lines)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
+        return results

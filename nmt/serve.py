@@ -19,14 +19,16 @@ import asyncio
 import json
 import logging
 import copy
+import re
 import socket
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,7 +64,8 @@ class ServeLimits:
 
 
 class TranslateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict types (no "3" for 3, no true for 1), finite numbers, no unknown keys.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     text: list[str] = Field(..., description="sentences to translate; one translation each, in order")
     beam_size: Optional[int] = Field(None, ge=1, le=MAX_BEAM, description="beam size, 1 = greedy [default: the model's recipe]")
@@ -136,7 +139,7 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
     recipe = loaded.recipe
     payload = loaded.payload or {}
     path = Path(loaded.path) if loaded.path is not None else None
-    info = {
+    return {
         "model": str(path) if path is not None else None,
         "name": recipe.name,
         "src_lang": recipe.data.src_lang,
@@ -149,7 +152,6 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
         "versions": payload.get("versions", {}),
         "recipe": recipe.to_dict(),
     }
-    return info
 
 
 def _test_scores(path: Path | None) -> list:
@@ -172,7 +174,7 @@ def create_app(loaded, limits: ServeLimits = ServeLimits(), device="cpu") -> Fas
     requests are finished first).
     """
     defaults = SearchOptions.from_recipe(loaded.recipe.decode, batch_size=limits.max_batch)
-    translator = Translator(loaded, defaults, device, warn=lambda msg: log.warning("%s", msg))
+    translator = Translator(loaded, defaults, device, warn=lambda msg: log.warning("batch %s", msg))
     info = model_info(loaded, translator, limits)
     model_name = info["model"]
 
@@ -195,6 +197,13 @@ def create_app(loaded, limits: ServeLimits = ServeLimits(), device="cpu") -> Fas
     )
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each bad input back, which can be a megabyte of
+        # text, or a NaN that JSON cannot encode; the type, place and message suffice.
+        errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": _message(e)} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.post("/translate", response_model=TranslateResponse, response_model_exclude_none=True, responses={
         413: {"description": "too many sentences, a sentence too long, or a body too large"},
         503: {"description": "the server is shutting down"},
@@ -206,7 +215,7 @@ def create_app(loaded, limits: ServeLimits = ServeLimits(), device="cpu") -> Fas
         opts = request_options(defaults, request)
         if request.text:
             try:
-                future = app.state.batcher.submit(request.text, opts)
+                future = app.state.batcher.submit([clean_text(t) for t in request.text], opts)
             except RuntimeError:
                 raise HTTPException(503, "the server is shutting down") from None
             try:
@@ -241,6 +250,11 @@ def create_app(loaded, limits: ServeLimits = ServeLimits(), device="cpu") -> Fas
     return app
 
 
+def _message(error: dict) -> str:
+    reason = error.get("ctx", {}).get("error") if error["type"] == "json_invalid" else None
+    return f"{error['msg']}: {reason}" if isinstance(reason, str) else error["msg"]
+
+
 def check_limits(text: list[str], limits: ServeLimits) -> None:
     if len(text) > limits.max_sentences:
         raise HTTPException(413, f"{len(text)} sentences, over the limit of {limits.max_sentences} per request")
@@ -262,10 +276,17 @@ def request_options(defaults: SearchOptions, request: TranslateRequest) -> Searc
         "max_len_a": request.max_len_ratio,
         "nbest": request.nbest,
     }
-    opts = SearchOptions(**{**asdict(defaults), **{k: v for k, v in overrides.items() if v is not None}})
-    if opts.nbest > opts.beam_size:
-        opts = SearchOptions(**{**asdict(opts), "beam_size": opts.nbest})
-    return opts
+    opts = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(opts, beam_size=max(opts.beam_size, opts.nbest))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(sentence: str) -> str:
+    """What a JSON string can hold that a text file cannot: lone UTF-16 surrogates become
+    U+FFFD and NUL characters go, as `nmt translate` does with invalid UTF-8 and NUL bytes."""
+    return _SURROGATE.sub("\ufffd", sentence).replace("\x00", "")
 
 
 def listen(host: str, port: int) -> socket.socket:

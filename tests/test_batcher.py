@@ -1,4 +1,4 @@
-"""The dynamic batcher: shared batches, size and wait limits, grouping by key, isolation."""
+"""The dynamic batcher: shared batches, size and wait limits, grouping by key, failure isolation."""
 
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -11,20 +11,20 @@ from nmt.batcher import DynamicBatcher
 class Recorder:
     """A decode function that records its calls and can hold the worker on its first call."""
 
-    def __init__(self, hold_first: bool = False, fail_key=None):
+    def __init__(self, hold_first: bool = False, fail_line=None):
         self.calls: list[tuple[object, list[str]]] = []
         self.entered = threading.Event()
         self.release = threading.Event()
         if not hold_first:
             self.release.set()
-        self.fail_key = fail_key
+        self.fail_line = fail_line
 
     def __call__(self, lines, key):
         self.entered.set()
         self.release.wait(30)
         self.calls.append((key, list(lines)))
-        if key == self.fail_key:
-            raise ValueError("this key fails")
+        if self.fail_line in lines:
+            raise ValueError("poisoned")
         return [f"{key}:{line}" for line in lines]
 
 
@@ -90,18 +90,20 @@ def test_a_request_larger_than_max_batch_is_decoded_alone():
     assert recorder.calls == [("k", lines)]
 
 
-def test_a_failing_batch_fails_only_its_requests():
-    recorder = Recorder(hold_first=True, fail_key="bad")
+def test_a_failing_request_fails_alone_and_the_worker_goes_on():
+    recorder = Recorder(hold_first=True, fail_line="poison")
     batcher = held_batcher(recorder, max_batch=10, max_wait_ms=0)
-    bad = batcher.submit(["x"], "bad")
-    good = batcher.submit(["y"], "good")
+    before = batcher.submit(["x"], "k")
+    bad = batcher.submit(["y", "poison"], "k")
+    after = batcher.submit(["z"], "k")
     recorder.release.set()
-    with pytest.raises(ValueError, match="this key fails"):
+    with pytest.raises(ValueError, match="poisoned"):
         bad.result(30)
-    assert good.result(30) == ["good:y"]
+    assert before.result(30) == ["k:x"] and after.result(30) == ["k:z"]
+    # the shared batch failed, then each request was decoded on its own
+    assert recorder.calls[1:] == [("k", ["x", "y", "poison", "z"]), ("k", ["x"]), ("k", ["y", "poison"]), ("k", ["z"])]
     assert batcher.alive
-    assert batcher.submit(["z"], "bad").exception(30) is not None
-    assert batcher.submit(["z"], "good").result(30) == ["good:z"]
+    assert batcher.submit(["w"], "k").result(30) == ["k:w"]
     batcher.close()
 
 

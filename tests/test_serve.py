@@ -15,6 +15,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from nmt.checkpoint import load_model  # noqa: E402
@@ -116,11 +118,27 @@ def test_concurrent_requests_each_get_their_own_answers(loaded):
     ({"text": ["w1"], "max_len_ratio": -1}, 422, "greater_than_equal"),
     ({"beam_size": 2}, 422, "missing"),
     ([["w1"]], 422, "model_attributes_type"),
+    ({"text": ["w1"], "beam_size": "3"}, 422, "int_type"),
+    ({"text": ["w1"], "beam_size": True}, 422, "int_type"),
+    ({"text": ["w1"], "length_penalty": float("nan")}, 422, "finite_number"),
+    ({"text": ["w1"], "nbest": float("inf")}, 422, "int_type"),
+    ({"text": [float("nan")], "extra": float("-inf")}, 422, "extra_forbidden"),
+    ({"text": "w1 " * 5000}, 422, "list_type"),
 ])
 def test_limits_and_bad_requests_are_json_errors(client, body, status, detail):
-    response = client.post("/translate", json=body)
+    # NaN and infinities are what Python's JSON parser (FastAPI's) accepts beyond the standard
+    content = json.dumps(body).encode()
+    response = client.post("/translate", content=content, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert detail in json.dumps(response.json()["detail"])
+    assert len(response.content) < 1000  # the bad input is not echoed back
+
+
+def test_strings_a_file_cannot_hold_are_translated(client, loaded):
+    raw = b'{"text": ["w1 \\ud800 w2", "w3\\u0000 w4", "\\udfff"]}'
+    response = client.post("/translate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["translations"] == reference(loaded, ["w1 \ufffd w2", "w3 w4", "\ufffd"])
 
 
 def test_at_the_limits_is_accepted(client):
@@ -262,3 +280,33 @@ def test_serves_over_http_and_stops_on_ctrl_c(trained_run, loaded):
     assert server.returncode == 130
     assert out == ""  # logs, access log included, go to stderr
     assert '"POST /translate HTTP/1.1" 200' in err and "stopped" in err and "Traceback" not in err
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+any_text = st.text(st.characters(exclude_categories=()), max_size=45)
+requests = st.fixed_dictionaries(
+    {"text": st.lists(any_text, max_size=9) | json_values},
+    optional={
+        "beam_size": st.integers(-2, 40) | json_values,
+        "length_penalty": st.floats() | json_values,
+        "max_len_ratio": st.floats(-1, 12) | json_values,
+        "nbest": st.integers(-1, 40) | json_values,
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=requests | json_values)
+def test_any_json_gets_an_answer_or_a_json_error(client, body):
+    response = client.post("/translate", content=json.dumps(body).encode(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code in (200, 413, 422), response.text
+    answer = response.json()
+    if response.status_code == 200:
+        assert len(answer["translations"]) == len(body["text"])
+    else:
+        assert answer["detail"]
