@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import copy
 import re
 import socket
@@ -139,7 +140,7 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
     recipe = loaded.recipe
     payload = loaded.payload or {}
     path = Path(loaded.path) if loaded.path is not None else None
-    return {
+    return _json_safe({
         "model": str(path) if path is not None else None,
         "name": recipe.name,
         "src_lang": recipe.data.src_lang,
@@ -151,7 +152,18 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
         "limits": {**asdict(limits), "max_body_bytes": limits.max_body_bytes, "max_beam": MAX_BEAM},
         "versions": payload.get("versions", {}),
         "recipe": recipe.to_dict(),
-    }
+    })
+
+
+def _json_safe(value):
+    """`value` with NaN and infinities (a diverged run's validation loss) as None: JSON has none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _test_scores(path: Path | None) -> list:

@@ -183,7 +183,7 @@ def test_health_info_and_openapi(client, loaded):
     assert request["required"] == ["text"] and "beam_size" in request["properties"]
 
 
-def test_test_scores_from_evaluate_are_in_info(loaded, tmp_path):
+def test_info_has_test_scores_from_evaluate_and_only_finite_numbers(loaded, tmp_path):
     import shutil
 
     run = tmp_path / "run"
@@ -191,8 +191,12 @@ def test_test_scores_from_evaluate_are_in_info(loaded, tmp_path):
     shutil.copy(loaded.path, run / "checkpoints" / "best.pt")
     (run / "eval").mkdir()
     (run / "eval" / "report.json").write_text(json.dumps([{"split": "test", "bleu": 99.5}]))
-    with TestClient(create_app(load_model(run / "checkpoints" / "best.pt"), LIMITS)) as c:
-        assert c.get("/info").json()["scores"]["test"] == [{"split": "test", "bleu": 99.5}]
+    copy = load_model(run / "checkpoints" / "best.pt")
+    copy.payload["metrics"] = {"valid_loss": float("nan"), "valid_ppl": float("inf"), "valid_bleu": 0.0}
+    with TestClient(create_app(copy, LIMITS)) as c:
+        info = c.get("/info").json()
+    assert info["scores"]["test"] == [{"split": "test", "bleu": 99.5}]
+    assert info["scores"]["validation"] == {"valid_loss": None, "valid_ppl": None, "valid_bleu": 0.0}
 
 
 def test_after_shutdown_health_and_translate_are_503(loaded):
