@@ -72,6 +72,8 @@ def train_for_budget(model, recipe, corpus, device, steps: int, seconds: float) 
             sync(device)
             elapsed += time.perf_counter() - begin
             step, trg_tokens = step + 1, trg_tokens + n_tok
+            if step % 50 == 0:
+                print(f"  {model.config['cell']}: update {step}, loss {loss:.3f}, {elapsed:.0f} s", file=sys.stderr, flush=True)
             if step >= steps or elapsed >= seconds:
                 break
         epoch += 1
