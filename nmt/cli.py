@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention).",
+    help="Attention-based recurrent neural machine translation (GRU or LSTM encoder-decoder, Bahdanau attention).",
 )
 
 DEFAULT_RECIPE = Path("recipes/multi30k.yaml")
@@ -45,7 +45,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ):
-    """Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention)."""
+    """Attention-based recurrent neural machine translation (GRU or LSTM encoder-decoder, Bahdanau attention)."""
 
 
 def fail(message: str, code: int = 1):
@@ -274,7 +274,7 @@ def evaluate(
 
 @app.command()
 def plot(
-    runs: List[Path] = typer.Argument(..., help="run folders (or their metrics.jsonl files), drawn on one chart"),
+    runs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="run folders (or their metrics.jsonl files), drawn on one chart"),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="PNG file to write [default: learning-curves.png in the first run folder]"),
 ):
@@ -290,8 +290,8 @@ def plot(
 
 @app.command()
 def export(
-    run: Path = typer.Argument(..., help="run folder (its best checkpoint) or checkpoint file"),
-    out_dir: Path = typer.Argument(..., help="folder to write the model into"),
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (its best checkpoint) or checkpoint file"),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="folder to write the model into"),
     force: bool = typer.Option(False, "--force", help="replace OUT_DIR if it is not empty"),
 ):
     """Write a self-contained model folder: safetensors weights, model.json, sentencepiece model, recipe, model card."""

@@ -145,15 +145,16 @@ def bench_decoding(loaded, sources, refs, recipe, device, beam_size: int) -> dic
     translator = Translator(loaded, opts, device, warn=lambda msg: None)
     translator.translate_lines(sources[:opts.batch_size])  # warm-up
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     hyps = translator.translate_lines(sources)
     sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     out_tokens = sum(len(ids) + 1 for ids in loaded.trg_tok.encode(hyps))
     return {
         "beam_size": beam_size,
         "sentences": len(sources),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # all threads of this process: robust to other load
         "sentences_per_s": len(sources) / seconds,
         "trg_tokens_per_s": out_tokens / seconds,
         "bleu": bleu_score(hyps, refs),

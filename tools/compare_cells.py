@@ -14,6 +14,8 @@ whichever ends first. Then it measures:
 * training target tokens per second (data loading included, validation excluded);
 * decoding sentences per second on the validation split, greedy and with the recipe's
   beam, each with its BLEU (the greedy one is what `nmt train` reports as validation BLEU);
+* on a CPU also per CPU-second (the process's CPU time, all its threads): on a machine
+  that other work shares, wall-clock rates fall with the load, CPU-time rates much less;
 * peak memory: the process's peak RSS (and peak GPU memory on a GPU).
 
 Every row runs in a child process of its own, so that its peak memory is its own and no
@@ -59,26 +61,28 @@ def train_for_budget(model, recipe, corpus, device, steps: int, seconds: float) 
     optimizer = make_optimizer(model, cfg)
     schedule = LRSchedule(cfg)
     model.train()
-    step, epoch, trg_tokens, elapsed, loss = 0, 0, 0, 0.0, math.nan
+    step, epoch, trg_tokens, elapsed, cpu, loss = 0, 0, 0, 0.0, 0.0, math.nan
     while step < steps and elapsed < seconds:
         batches = token_batches(corpus.src_lengths, corpus.trg_lengths, batch_tokens=cfg.batch_tokens,
                                 seed=recipe.seed, epoch=epoch)
         for start in range(0, len(batches), cfg.accum_steps):
             schedule.apply(optimizer, step)
             sync(device)
-            begin = time.perf_counter()
+            begin, cpu_begin = time.perf_counter(), time.process_time()
             group = [collate(corpus, idx) for idx in batches[start : start + cfg.accum_steps]]
             loss, n_tok, _ = train_step(model, optimizer, group, cfg, device, use_bf16)
             sync(device)
             elapsed += time.perf_counter() - begin
+            cpu += time.process_time() - cpu_begin
             step, trg_tokens = step + 1, trg_tokens + n_tok
             if step % 50 == 0:
                 print(f"  {model.config['cell']}: update {step}, loss {loss:.3f}, {elapsed:.0f} s", file=sys.stderr, flush=True)
             if step >= steps or elapsed >= seconds:
                 break
         epoch += 1
-    return {"steps": step, "epochs": epoch, "train_seconds": elapsed, "final_loss": loss,
-            "trg_tokens_per_s": trg_tokens / elapsed}
+    return {"steps": step, "epochs": epoch, "trg_tokens": trg_tokens, "train_seconds": elapsed,
+            "train_cpu_seconds": cpu, "final_loss": loss, "trg_tokens_per_s": trg_tokens / elapsed,
+            "trg_tokens_per_cpu_s": trg_tokens / cpu}
 
 
 def measure_cell(recipe_path: str, overrides: list[str], cell: str, run_dir: Path, device_name: str,
@@ -125,20 +129,29 @@ def machine(device: torch.device) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    """The README table: one row per cell."""
-    beams = [d["beam_size"] for d in result["rows"][0]["decoding"]]
+    """The README table: one row per cell; on a CPU, rates per CPU-second in brackets."""
+    first = result["rows"][0]
+    on_cpu = first["peak_gpu_mb"] is None
+    beams = [d["beam_size"] for d in first["decoding"]]
     name = lambda b: "greedy" if b == 1 else f"beam {b}"  # noqa: E731
-    head = (["cell", "parameters", "training target tok/s"]
-            + [f"decoding sent/s, {name(b)}" for b in beams]
-            + ["peak RSS" + (" / GPU" if result["rows"][0]["peak_gpu_mb"] is not None else "")]
+    per_cpu = " (per CPU-s)" if on_cpu else ""
+    head = (["cell", "parameters", f"training target tok/s{per_cpu}"]
+            + [f"decoding sent/s, {name(b)}{per_cpu}" for b in beams]
+            + ["peak RSS" + ("" if on_cpu else " / GPU")]
             + [f"validation BLEU, {name(b)}" for b in beams])
+
+    def rate(count: float, seconds: float, cpu_seconds: float, digits: int) -> str:
+        text = f"{count / seconds:,.{digits}f}"
+        return f"{text} ({count / cpu_seconds:,.{digits}f})" if on_cpu else text
+
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
+        t = row["training"]
         memory = f"{row['peak_rss_mb']:,.0f} MB"
-        if row["peak_gpu_mb"] is not None:
+        if not on_cpu:
             memory += f" / {row['peak_gpu_mb']:,.0f} MB"
-        cells = ([row["label"], f"{row['parameters']:,}", f"{row['training']['trg_tokens_per_s']:,.0f}"]
-                 + [f"{d['sentences_per_s']:,.1f}" for d in row["decoding"]]
+        cells = ([row["label"], f"{row['parameters']:,}", rate(t["trg_tokens"], t["train_seconds"], t["train_cpu_seconds"], 0)]
+                 + [rate(d["sentences"], d["seconds"], d["cpu_seconds"], 1) for d in row["decoding"]]
                  + [memory]
                  + [f"{d['bleu']:.2f}" for d in row["decoding"]])
         lines.append("| " + " | ".join(cells) + " |")
