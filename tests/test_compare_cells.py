@@ -18,6 +18,7 @@ def test_compare_cells_measures_every_row(tmp_path, capsys, monkeypatch):
                                  "--run-dir", str(tmp_path / "run"), "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["budget"] == {"steps": 2, "minutes": None} and result["machine"]
+    assert result["threads"] == 1  # the toy recipe's train.threads, as the rows ran it
     rows = {row["cell"]: row for row in result["rows"]}
     assert list(rows) == ["exact", "fused", "lstm"]
     assert rows["lstm"]["parameters"] > rows["fused"]["parameters"]  # four gates against three

@@ -106,6 +106,7 @@ def measure_cell(recipe_path: str, overrides: list[str], cell: str, run_dir: Pat
     decoding = [bench_decoding(loaded, sources, refs, recipe, device, beam) for beam in beams]
     return {
         "cell": cell,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training": training,
         "decoding": decoding,
@@ -125,7 +126,7 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def markdown_table(result: dict) -> str:
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "recipe": str(args.recipe),
         "budget": {"steps": steps if steps != sys.maxsize else None, "minutes": args.minutes or None},
         "machine": machine(device),
+        "threads": rows[0]["threads"],
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
