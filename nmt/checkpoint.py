@@ -111,7 +111,12 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild model and tokenizers from a checkpoint file (eval mode, on `device`)."""
+    """Rebuild model and tokenizers from a checkpoint file, or from a folder written by
+    `nmt export` (eval mode, on `device`)."""
+    if Path(path).is_dir():
+        from nmt.export import load_exported
+
+        return load_exported(path, device)
     from nmt.data.tokenizer import Tokenizer
     from nmt.model import Seq2Seq
     from nmt.recipe import RecipeError, recipe_from_dict

@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention).",
+    help="Attention-based recurrent neural machine translation (GRU or LSTM encoder-decoder, Bahdanau attention).",
 )
 
 DEFAULT_RECIPE = Path("recipes/multi30k.yaml")
@@ -45,7 +45,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if available), cpu
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ):
-    """Attention-based recurrent neural machine translation (GRU encoder-decoder, Bahdanau attention)."""
+    """Attention-based recurrent neural machine translation (GRU or LSTM encoder-decoder, Bahdanau attention)."""
 
 
 def fail(message: str, code: int = 1):
@@ -166,6 +166,8 @@ def translate(
     max_len_ratio: Optional[float] = typer.Option(None, "--max-len-ratio", min=0.0, help="output length limit = ratio x source length + recipe's max_len_b [default: recipe]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="sentences per batch [default: recipe]"),
     nbest: int = typer.Option(1, "--nbest", min=1, help="write N hypotheses per line as INDEX<TAB>RANK<TAB>SCORE<TAB>TEXT"),
+    attention_dir: Optional[Path] = typer.Option(
+        None, "--attention-dir", help="also draw the attention of each line's best translation: DIR/000001.png, ..."),
     device: str = DeviceOpt,
 ):
     """Translate lines from stdin (or --input) to stdout (or --output), one line per line."""
@@ -181,16 +183,17 @@ def translate(
     if nbest > opts.beam_size:
         opts = SearchOptions(**{**vars(opts), "beam_size": nbest})
     translator = Translator(loaded, opts, dev)
+    plots = _attention_plots(attention_dir, loaded) if attention_dir is not None else None
 
     if input is None and output is None and sys.stdin.isatty():
-        _interactive(translator)
+        _interactive(translator, plots)
         return
 
     def run(out) -> int:
         if input is None:
-            return translate_stream(translator, read_lines(sys.stdin.buffer), out, nbest=nbest)
+            return translate_stream(translator, read_lines(sys.stdin.buffer), out, nbest=nbest, on_result=plots)
         with open(input, "rb") as f:
-            return translate_stream(translator, read_lines(f), out, nbest=nbest)
+            return translate_stream(translator, read_lines(f), out, nbest=nbest, on_result=plots)
 
     if output is None:
         _guard(lambda: run(sys.stdout))
@@ -200,11 +203,22 @@ def translate(
                 run(out)
 
         _guard(lambda: atomic_write(output, write))
+    if plots is not None:
+        print(f"attention: {len(plots.written)} PNG files in {attention_dir}", file=sys.stderr)
 
 
-def _interactive(translator) -> None:
+def _attention_plots(folder: Path, loaded, first: Optional[int] = None):
+    """A translate hook that draws attention heatmaps into `folder` (created here)."""
+    from nmt.plot import AttentionPlots
+
+    _guard(lambda: folder.mkdir(parents=True, exist_ok=True))
+    return AttentionPlots(folder, loaded.src_tok, loaded.trg_tok, first=first)
+
+
+def _interactive(translator, plots=None) -> None:
     """A prompt on stderr, translations on stdout, one line at a time."""
     print("Type a sentence and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    line_no = 0
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
         try:
@@ -214,7 +228,9 @@ def _interactive(translator) -> None:
         if not line:
             print(file=sys.stderr)
             return
-        print(translator.translate_lines([line.rstrip("\r\n")])[0], flush=True)
+        line_no += 1
+        [nbest] = translator.translate([line.rstrip("\r\n")], first_line_no=line_no, on_result=plots)
+        print(nbest[0][0], flush=True)
 
 
 @app.command()
@@ -224,19 +240,21 @@ def evaluate(
     src: Optional[Path] = typer.Option(None, "--src", help="score on this source file (with --ref)"),
     ref: Optional[Path] = typer.Option(None, "--ref", help="reference translations of --src"),
     beam_size: Optional[int] = typer.Option(None, "--beam-size", "-b", min=1, help="beam size [default: recipe]"),
+    attention: int = typer.Option(
+        0, "--attention", min=0, metavar="N",
+        help="draw the attention of the first N sentences of each split into the run's eval/attention/<split>/"),
     device: str = DeviceOpt,
 ):
     """Translate test splits (or --src) and print BLEU, chrF2, TER with sacreBLEU signatures."""
     from nmt.evaluate import evaluate_pairs, format_table
-    from nmt.runs import data_dir_of, test_splits_of
+    from nmt.runs import data_dir_of, run_dir_of, test_splits_of
     from nmt.translate import SearchOptions, Translator
 
     if (src is None) != (ref is None):
         fail("--src and --ref go together", 2)
     dev = _device(device)
     paths, loaded = _load_models(model, dev)
-    ckpt = paths[0]  # test splits and the eval/ folder: the first model's run
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of(paths[0])  # test splits and the eval/ folder: the first model's run
     translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode, beam_size=beam_size), dev)
     if src is not None:
         pairs = [(src.name, src, ref)]
@@ -252,15 +270,19 @@ def evaluate(
             fail(f"no test splits in {data}; use --src FILE --ref FILE", 2)
         pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in chosen]
         out_dir = run_dir / "eval"
+    plots = {name: _attention_plots(run_dir / "eval" / "attention" / name, loaded, first=attention)
+             for name, _, _ in pairs} if attention else {}
 
     def run():
         try:
-            return evaluate_pairs(translator, pairs, out_dir)
+            return evaluate_pairs(translator, pairs, out_dir, on_result=plots)
         except ValueError as e:
             fail(str(e))
 
     rows = _guard(run)
     print(format_table(rows))
+    for name, p in plots.items():
+        print(f"attention: {len(p.written)} PNG files in {p.folder}", file=sys.stderr)
 
 
 @app.command()
@@ -303,3 +325,32 @@ def serve(
             raise typer.Exit(130)
 
     _guard(run)
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="run folders (or their metrics.jsonl files), drawn on one chart"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="PNG file to write [default: learning-curves.png in the first run folder]"),
+):
+    """Draw learning curves: training loss, validation loss, validation BLEU and learning rate against updates."""
+    from nmt.plot import plot_learning_curves
+    from nmt.runs import metrics_path, read_metrics, run_labels
+
+    metrics = _guard(lambda: [read_metrics(metrics_path(run)) for run in runs])
+    out = output if output is not None else metrics_path(runs[0]).parent / "learning-curves.png"
+    _guard(lambda: plot_learning_curves(list(zip(run_labels(runs), metrics)), out))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (its best checkpoint) or checkpoint file"),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="folder to write the model into"),
+    force: bool = typer.Option(False, "--force", help="replace OUT_DIR if it is not empty"),
+):
+    """Write a self-contained model folder: safetensors weights, model.json, sentencepiece model, recipe, model card."""
+    from nmt.export import export_model
+
+    _guard(lambda: export_model(run, out_dir, force=force))
+    print(f"exported to {out_dir}; translate with: nmt translate --model {out_dir}", file=sys.stderr)

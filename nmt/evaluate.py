@@ -70,10 +70,12 @@ def read_text(path: Path) -> list[str]:
         return [raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace") for raw in f]
 
 
-def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Path | None) -> list[Scores]:
+def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Path | None,
+                   on_result: dict | None = None) -> list[Scores]:
     """Translate each (name, source file, reference file) and score it.
 
     Hypotheses go to out_dir/<name>.hyp and all scores to out_dir/report.json.
+    ``on_result`` maps a name to a hook for :meth:`nmt.translate.Translator.translate`.
     """
     rows = []
     for name, src_path, ref_path in pairs:
@@ -81,7 +83,7 @@ def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Pat
         if len(sources) != len(refs):
             raise ValueError(f"{src_path} has {len(sources)} lines but {ref_path} has {len(refs)}")
         start = time.perf_counter()
-        hyps = translator.translate_lines(sources)
+        hyps = translator.translate_lines(sources, on_result=(on_result or {}).get(name))
         rows.append(score(name, hyps, refs, time.perf_counter() - start))
         if out_dir is not None:
             text = "".join(h + "\n" for h in hyps)

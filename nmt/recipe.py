@@ -73,11 +73,14 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: str = _f("fused", "GRU: exact (Cho et al. equations) or fused (PyTorch)", choices=["exact", "fused"])
+    cell: str = _f(
+        "fused", "recurrent cell: exact GRU (Cho et al. equations), fused GRU (PyTorch) or lstm (PyTorch LSTM)",
+        choices=["exact", "fused", "lstm"],
+    )
     emb_dim: int = _f(256, "embedding size (source and target)", min=1)
-    enc_hidden: int = _f(256, "encoder GRU size per direction", min=1)
+    enc_hidden: int = _f(256, "encoder state size per direction", min=1)
     enc_layers: int = _f(1, "encoder layers (bidirectional)", min=1)
-    dec_hidden: int = _f(512, "decoder GRU size", min=1)
+    dec_hidden: int = _f(512, "decoder state size", min=1)
     dec_layers: int = _f(1, "decoder layers", min=1)
     attn_dim: int = _f(512, "additive attention size", min=1)
     out_dim: int = _f(256, "deep output layer size (= emb_dim to tie)", min=1)

@@ -20,7 +20,7 @@ Rules shared by both searches:
 """
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,6 +28,11 @@ from torch import Tensor
 from nmt.model.seq2seq import EncoderOutput
 
 LENGTH_NORMS = ("gnmt", "average", "none")
+
+
+# A decoder state is opaque to search: it only passes it to ``decode_step`` and
+# ``reorder_state`` (a tensor for a GRU decoder, a pair of tensors for an LSTM).
+State = Any
 
 
 class Decodable(Protocol):
@@ -39,13 +44,13 @@ class Decodable(Protocol):
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput: ...
 
-    def init_state(self, enc: EncoderOutput) -> Tensor: ...
+    def init_state(self, enc: EncoderOutput) -> State: ...
 
     def decode_step(
-        self, prev_tokens: Tensor, state: Tensor, enc: EncoderOutput
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+        self, prev_tokens: Tensor, state: State, enc: EncoderOutput
+    ) -> tuple[Tensor, State, Tensor]: ...
 
-    def reorder_state(self, state: Tensor, index: Tensor) -> Tensor: ...
+    def reorder_state(self, state: State, index: Tensor) -> State: ...
 
 
 @dataclass

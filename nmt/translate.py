@@ -106,19 +106,26 @@ class Translator:
         return ids
 
     def translate(
-        self, lines: list[str], first_line_no: int = 1, opts: SearchOptions | None = None
+        self, lines: list[str], first_line_no: int = 1, opts: SearchOptions | None = None, on_result=None
     ) -> list[list[tuple[str, Hypothesis]]]:
-        """n-best (text, hypothesis) pairs per input line, with `opts` or the translator's own."""
-        hyps = translate_ids(self.model, self.encode(lines, first_line_no), opts or self.opts, self.device)
+        """n-best (text, hypothesis) pairs per input line, with `opts` or the translator's own.
+
+        :param on_result: if given, called as ``on_result(line_no, source_ids, nbest)``
+            for every line, e.g. :class:`nmt.plot.AttentionPlots`
+        """
+        sources = self.encode(lines, first_line_no)
+        hyps = translate_ids(self.model, sources, opts or self.opts, self.device)
         out = []
-        for nbest in hyps:
+        for k, nbest in enumerate(hyps):
             texts = self.trg_tok.decode([h.tokens for h in nbest])
             out.append(list(zip(texts, nbest)))
+            if on_result is not None:
+                on_result(first_line_no + k, sources[k], out[-1])
         return out
 
-    def translate_lines(self, lines: list[str]) -> list[str]:
-        """The best translation of every line."""
-        return [nbest[0][0] for nbest in self.translate(lines)]
+    def translate_lines(self, lines: list[str], on_result=None) -> list[str]:
+        """The best translation of every line (``on_result`` as in :meth:`translate`)."""
+        return [nbest[0][0] for nbest in self.translate(lines, on_result=on_result)]
 
 
 def format_nbest(index: int, nbest: list[tuple[str, Hypothesis]]) -> list[str]:
@@ -151,15 +158,17 @@ def windows(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield window
 
 
-def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, *, window: int = 1000, nbest: int = 1) -> int:
+def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, *, window: int = 1000, nbest: int = 1,
+                     on_result=None) -> int:
     """Translate a stream window by window, writing each window's results as it finishes.
+    ``on_result`` is passed on to :meth:`Translator.translate`.
 
     Returns the number of input lines translated (= the number of output lines, or of
     n-best groups).
     """
     count = 0
     for chunk in windows(lines, window):
-        results = translator.translate(chunk, first_line_no=count + 1)
+        results = translator.translate(chunk, first_line_no=count + 1, on_result=on_result)
         for k, result in enumerate(results):
             if nbest > 1:
                 out.write("\n".join(format_nbest(count + k, result)) + "\n")

@@ -30,6 +30,9 @@ VARIANTS = [  # cell, layers, init_state, maxout
     ("exact", 1, "bridge", False),
     ("fused", 2, "mean", True),
     ("exact", 2, "zero", True),
+    ("lstm", 1, "bridge", False),
+    ("lstm", 2, "mean", True),
+    ("lstm", 2, "zero", False),
 ]
 
 
@@ -77,7 +80,8 @@ def test_padding_does_not_change_a_sentence(cell, layers, init_state, maxout):
     n = len(SHORT)
     torch.testing.assert_close(enc_batch.annotations[0, :n], enc_alone.annotations[0])
     assert torch.all(enc_batch.annotations[0, n:] == 0)
-    torch.testing.assert_close(model.init_state(enc_batch)[:, :1], model.init_state(enc_alone))
+    first_of_batch = model.reorder_state(model.init_state(enc_batch), torch.tensor([0]))
+    torch.testing.assert_close(first_of_batch, model.init_state(enc_alone))  # a tensor, or (h, c)
     torch.testing.assert_close(
         model(batch, batch_lengths, trg_in)[:1], model(alone, alone_lengths, trg_in[:1])
     )
@@ -108,6 +112,10 @@ def test_encoder_output_select_and_reorder_state():
     assert torch.equal(picked.mask, enc.mask[index])
     state = model.init_state(enc)
     torch.testing.assert_close(model.reorder_state(state, index), state[:, index])
+    lstm = tiny_model("lstm", layers=2)
+    h, c = lstm.init_state(lstm.encode(src, src_lengths))
+    assert torch.all(c == 0)
+    torch.testing.assert_close(lstm.reorder_state((h, c), index), (h[:, index], c[:, index]))
 
 
 def test_tied_parameters_are_shared():
@@ -126,7 +134,7 @@ def test_tied_parameters_are_shared():
 @pytest.mark.parametrize(
     "bad,argument",
     [
-        (dict(cell="lstm"), "cell"),
+        (dict(cell="rnn"), "cell"),
         (dict(init_state="last"), "init_state"),
         (dict(emb_dim=0), "emb_dim"),
         (dict(dec_layers=1.5), "dec_layers"),
@@ -155,7 +163,7 @@ def test_config_rebuilds_an_identical_model():
     torch.testing.assert_close(rebuilt(src, src_lengths, trg_in), model(src, src_lengths, trg_in))
 
 
-@pytest.mark.parametrize("cell", ["fused", "exact"])
+@pytest.mark.parametrize("cell", ["fused", "exact", "lstm"])
 def test_forward_and_backward_under_bfloat16_autocast(cell):
     model = tiny_model(cell, 2).train()
     src, src_lengths = pad_batch([SHORT, LONG])

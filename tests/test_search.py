@@ -69,8 +69,9 @@ def normaliser(length: int, length_norm: str, alpha: float) -> float:
 LENGTHS = [5, 1, 7, 3]
 
 
-def test_beam_size_one_equals_greedy():
-    model = random_model()
+@pytest.mark.parametrize("cell", ["fused", "lstm"])
+def test_beam_size_one_equals_greedy(cell):
+    model = random_model(cell=cell)
     src, src_lengths = source_batch(LENGTHS)
     greedy = greedy_search(model, src, src_lengths)
     beam = beam_search(model, src, src_lengths, beam_size=1, length_norm="none")
@@ -105,9 +106,9 @@ def test_wide_beam_equals_exhaustive_search(length_norm, alpha, trg_vocab_size, 
         assert best.score == pytest.approx(float(scores.max()), abs=1e-5)
 
 
-@pytest.mark.parametrize("length_norm", ["gnmt", "average", "none"])
-def test_scores_are_teacher_forced_log_probs_with_length_penalty(length_norm):
-    model = random_model()
+@pytest.mark.parametrize("length_norm,cell", [("gnmt", "fused"), ("average", "fused"), ("none", "fused"), ("gnmt", "lstm")])
+def test_scores_are_teacher_forced_log_probs_with_length_penalty(length_norm, cell):
+    model = random_model(cell=cell)
     src, src_lengths = source_batch(LENGTHS)
     results = beam_search(model, src, src_lengths, beam_size=4, nbest=4, length_norm=length_norm,
                           length_penalty=0.6, max_len_a=1.0, max_len_b=2)
@@ -123,9 +124,10 @@ def test_scores_are_teacher_forced_log_probs_with_length_penalty(length_norm):
         assert greedy_hyp.score == pytest.approx(greedy_log_prob, abs=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["fused", "lstm"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_batched_results_equal_one_sentence_at_a_time(search):
-    model = random_model(enc_layers=2, dec_layers=2)
+def test_batched_results_equal_one_sentence_at_a_time(search, cell):
+    model = random_model(enc_layers=2, dec_layers=2, cell=cell)
     src, src_lengths = source_batch(LENGTHS)
 
     def run(src, src_lengths):

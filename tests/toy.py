@@ -66,10 +66,13 @@ def make_recipe(tmp_path: Path, steps: int, valid_every: int = 1000, extra: list
     return load_recipe(path, list(extra))
 
 
-def train_toy(folder: Path, steps: int = 300) -> Path:
-    """Train the toy model into folder/run (about 5 s) and return the run folder."""
+def train_toy(folder: Path, steps: int = 300, extra: list[str] = ()) -> Path:
+    """Train the toy model into folder/run (about 5 s) and return the run folder.
+
+    :param extra: recipe overrides, e.g. ``["model.cell=lstm"]``
+    """
     from nmt.train import train
 
-    recipe = make_recipe(folder, steps=steps, valid_every=steps)
+    recipe = make_recipe(folder, steps=steps, valid_every=steps, extra=extra)
     train(recipe, folder / "run", device="cpu", evaluate_at_end=False)
     return folder / "run"

@@ -36,6 +36,7 @@ from nmt.data.preprocess import is_fresh, preprocess
 from nmt.data.tokenizer import load_tokenizers
 from nmt.evaluate import bleu_score, read_text
 from nmt.model.build import build_model
+from nmt.model.cells import gate_count
 from nmt.recipe import load_recipe
 from nmt.runs import test_splits_of
 from nmt.train import train_step
@@ -56,15 +57,16 @@ def matmul_shapes(cfg, src_vocab: int, trg_vocab: int, batch: int, src_len: floa
     """
     E, H, D, A, O = cfg.emb_dim, cfg.enc_hidden, cfg.dec_hidden, cfg.attn_dim, cfg.out_dim
     pool = 2 if cfg.maxout else 1
+    g = gate_count(cfg.cell)  # 3 for a GRU, 4 for an LSTM
     S, T = src_len, trg_len
     shapes = []
     for layer in range(cfg.enc_layers):
         inp = E if layer == 0 else 2 * H
-        shapes += [(batch * S, inp, 3 * H, 2 * S), (batch, H, 3 * H, 2 * S)]  # input, recurrent; 2 directions
+        shapes += [(batch * S, inp, g * H, 2 * S), (batch, H, g * H, 2 * S)]  # input, recurrent; 2 directions
     shapes += [(batch * S, 2 * H, A, S)]  # attention keys U h_j
-    shapes += [(batch * T, E, 3 * D, T), (batch, 2 * H, 3 * D, T), (batch, D, 3 * D, T)]  # decoder layer 1
+    shapes += [(batch * T, E, g * D, T), (batch, 2 * H, g * D, T), (batch, D, g * D, T)]  # decoder layer 1
     for _ in range(cfg.dec_layers - 1):
-        shapes += [(batch, D, 3 * D, T), (batch, D, 3 * D, T)]
+        shapes += [(batch, D, g * D, T), (batch, D, g * D, T)]
     shapes += [(batch, D, A, T)]  # attention query W s
     shapes += [(batch, A, int(round(S)), T), (batch, int(round(S)), 2 * H, T)]  # energies v^T, context
     shapes += [(batch * T, D + E + 2 * H, pool * O, T), (batch * T, O, trg_vocab, T)]  # deep output, softmax layer
@@ -143,15 +145,16 @@ def bench_decoding(loaded, sources, refs, recipe, device, beam_size: int) -> dic
     translator = Translator(loaded, opts, device, warn=lambda msg: None)
     translator.translate_lines(sources[:opts.batch_size])  # warm-up
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     hyps = translator.translate_lines(sources)
     sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     out_tokens = sum(len(ids) + 1 for ids in loaded.trg_tok.encode(hyps))
     return {
         "beam_size": beam_size,
         "sentences": len(sources),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # all threads of this process: robust to other load
         "sentences_per_s": len(sources) / seconds,
         "trg_tokens_per_s": out_tokens / seconds,
         "bleu": bleu_score(hyps, refs),

@@ -1,13 +1,39 @@
-"""Attentional GRU decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
+"""Attentional recurrent decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import AdditiveAttention
-from nmt.model.gru import CELLS, make_gru_cell
+from nmt.model.cells import CELLS, make_cell
 
 INIT_STATES = ("bridge", "mean", "zero")
+
+# The decoder state of every layer: ``[layers, batch, hidden]`` for a GRU; for an LSTM
+# the pair ``(h, c)`` of two such tensors, outputs and memories.
+DecoderState = Tensor | tuple[Tensor, Tensor]
+
+
+def hidden_of(state: DecoderState) -> Tensor:
+    """The outputs ``[layers, batch, hidden]`` that attention and deep output read."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+def map_state(state: DecoderState, fn) -> DecoderState:
+    """Apply ``fn`` to every tensor of a state (to pick, repeat or slice batch entries)."""
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
+def _layer(state: DecoderState, layer: int):
+    """One layer's state: ``[batch, hidden]``, or ``(h, c)`` of that shape."""
+    return map_state(state, lambda s: s[layer])
+
+
+def _stack_layers(states: list) -> DecoderState:
+    """One state ``[layers, ...]`` from the per-layer states of a step."""
+    if isinstance(states[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*states))
+    return torch.stack(states)
 
 
 class Decoder(nn.Module):
@@ -16,8 +42,9 @@ class Decoder(nn.Module):
     One step i (Bahdanau et al. 2015, section 3.1 and appendix A.2.2):
 
     1. context ``c_i = attention(s_{i-1}, h)`` from the previous top-layer state;
-    2. new states ``s_i = GRU([E y_{i-1}; c_i], s_{i-1})`` in layer 1, each higher
-       layer reading the new state of the layer below;
+    2. new states ``s_i = GRU([E y_{i-1}; c_i], s_{i-1})`` in layer 1 (or an LSTM,
+       whose output ``h`` plays the part of ``s``), each higher layer reading the new
+       state of the layer below;
     3. deep output (Pascanu et al. 2014) ``t_i = tanh(W_t [s_i; E y_{i-1}; c_i] + b_t)``,
        or with ``maxout`` a linear map to ``2 * out_dim`` and a max over pairs
        (appendix A.2.2), then hidden dropout and ``logits_i = W_o t_i + b_o``.
@@ -48,11 +75,11 @@ class Decoder(nn.Module):
         :param emb_dim: target word embedding size
         :param annotation_size: size of the encoder annotations h_j (2 * encoder hidden)
         :param hidden_size: decoder state size, every layer
-        :param layers: number of stacked GRU layers
+        :param layers: number of stacked recurrent layers
         :param attn_dim: hidden size of the alignment model
         :param out_dim: size of the deep output t_i
         :param maxout: maxout with pool size 2 in the deep output instead of tanh
-        :param cell: ``"fused"`` or ``"exact"`` (see :mod:`nmt.model.gru`)
+        :param cell: ``"fused"``, ``"exact"`` (see :mod:`nmt.model.gru`) or ``"lstm"``
         :param init_state: ``"bridge"``, ``"mean"`` or ``"zero"`` (see :meth:`init_state`)
         :param dropout_emb: dropout on the target word embeddings
         :param dropout_hidden: dropout on t_i and between stacked layers
@@ -69,13 +96,14 @@ class Decoder(nn.Module):
         self.out_dim = out_dim
         self.maxout = maxout
         self.init_state_kind = init_state
+        self.lstm = cell == "lstm"
         self.dropout_emb = dropout_emb
         self.dropout_hidden = dropout_hidden
 
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         self.attention = AdditiveAttention(annotation_size, hidden_size, attn_dim)
         sizes = [emb_dim + annotation_size] + [hidden_size] * (layers - 1)
-        self.cells = nn.ModuleList(make_gru_cell(cell, n, hidden_size) for n in sizes)
+        self.cells = nn.ModuleList(make_cell(cell, n, hidden_size) for n in sizes)
         if init_state == "bridge":  # W_s backward h_1; backward states are half the annotation
             self.bridge = nn.Linear(annotation_size // 2, layers * hidden_size)
         elif init_state == "mean":  # W_s mean_j h_j
@@ -84,35 +112,38 @@ class Decoder(nn.Module):
         self.deep_output = nn.Linear(hidden_size + emb_dim + annotation_size, pool * out_dim)
         self.output_layer = nn.Linear(out_dim, vocab_size)  # W_o
 
-    def init_state(self, annotations: Tensor, backward_h1: Tensor, src_mask: Tensor) -> Tensor:
+    def init_state(self, annotations: Tensor, backward_h1: Tensor, src_mask: Tensor) -> DecoderState:
         """The initial state s_0 of every layer.
 
         ``bridge``: ``tanh(W_s backward_h_1)`` (appendix A.2.2); ``mean``:
-        ``tanh(W_s mean_j h_j)`` over real tokens; ``zero``: zeros.
+        ``tanh(W_s mean_j h_j)`` over real tokens; ``zero``: zeros. An LSTM starts
+        from that ``h`` and an empty memory ``c = 0``.
 
         :param annotations: ``[batch, src_len, annotation_size]``
         :param backward_h1: ``[batch, annotation_size / 2]`` final backward encoder state
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
-        :return: ``[layers, batch, hidden]``
+        :return: ``[layers, batch, hidden]``, or for an LSTM ``(h, c)`` of that shape
         """
         batch_size = annotations.size(0)
         if self.init_state_kind == "zero":
-            return annotations.new_zeros(self.layers, batch_size, self.hidden_size)
-        if self.init_state_kind == "bridge":
-            summary = backward_h1  # batch x annotation_size/2
+            state = annotations.new_zeros(self.layers, batch_size, self.hidden_size)
         else:
-            mask = src_mask.unsqueeze(2).type_as(annotations)  # batch x src_len x 1
-            summary = (annotations * mask).sum(1) / mask.sum(1)  # batch x annotation_size
-        state = torch.tanh(self.bridge(summary))  # batch x layers*hidden
-        return state.view(batch_size, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+            if self.init_state_kind == "bridge":
+                summary = backward_h1  # batch x annotation_size/2
+            else:
+                mask = src_mask.unsqueeze(2).type_as(annotations)  # batch x src_len x 1
+                summary = (annotations * mask).sum(1) / mask.sum(1)  # batch x annotation_size
+            state = torch.tanh(self.bridge(summary))  # batch x layers*hidden
+            state = state.view(batch_size, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+        return (state, torch.zeros_like(state)) if self.lstm else state
 
     def forward(
-        self, trg_in: Tensor, state: Tensor, keys: Tensor, annotations: Tensor, src_mask: Tensor
+        self, trg_in: Tensor, state: DecoderState, keys: Tensor, annotations: Tensor, src_mask: Tensor
     ) -> Tensor:
         """Teacher forcing over whole target sentences.
 
         :param trg_in: ``[batch, trg_len]`` previous words y_{i-1} (bos first)
-        :param state: ``[layers, batch, hidden]`` initial state from :meth:`init_state`
+        :param state: initial state from :meth:`init_state`
         :param keys: ``[batch, src_len, attn_dim]`` precomputed ``U_a h_j``
         :param annotations: ``[batch, src_len, annotation_size]``
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
@@ -120,15 +151,15 @@ class Decoder(nn.Module):
         """
         emb = self.embed(trg_in)  # batch x trg_len x emb
         emb = F.dropout(emb, self.dropout_emb, self.training)
-        emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x 3*hidden
+        emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
         # Slice the context's columns of the layer-1 input weights once, not per step:
         # a slice's backward allocates a zero gradient the size of the whole weight.
-        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]  # 3*hidden x annotation_size
+        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]  # gates*hidden x annotation_size
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
         for gates_i in emb_gates.unbind(1):
             state, context, _ = self._recur(gates_i, state, keys, annotations, src_mask, ctx_weight)
-            states.append(state[-1])
+            states.append(hidden_of(state)[-1])
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
         contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
@@ -137,52 +168,52 @@ class Decoder(nn.Module):
     def step(
         self,
         prev_tokens: Tensor,
-        state: Tensor,
+        state: DecoderState,
         keys: Tensor,
         annotations: Tensor,
         src_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, DecoderState, Tensor]:
         """One decoding step.
 
         :param prev_tokens: ``[batch]`` previous words y_{i-1}
-        :param state: ``[layers, batch, hidden]`` previous states s_{i-1}
+        :param state: previous states s_{i-1} (see :meth:`init_state`)
         :param keys: ``[batch, src_len, attn_dim]``
         :param annotations: ``[batch, src_len, annotation_size]``
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
-        :return: logits ``[batch, vocab]``, new states ``[layers, batch, hidden]`` and
+        :return: logits ``[batch, vocab]``, new states (same form as ``state``) and
             attention weights ``[batch, src_len]``
         """
         emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
         emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
         ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]
         state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask, ctx_weight)
-        return self._output(state[-1], emb, context), state, weights
+        return self._output(hidden_of(state)[-1], emb, context), state, weights
 
     def _recur(
         self,
         emb_gates: Tensor,
-        state: Tensor,
+        state: DecoderState,
         keys: Tensor,
         annotations: Tensor,
         src_mask: Tensor,
         ctx_weight: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Steps 1 and 2: attention from s_{i-1}, then the stacked GRU update.
+    ) -> tuple[DecoderState, Tensor, Tensor]:
+        """Steps 1 and 2: attention from s_{i-1}, then the stacked recurrent update.
 
-        :param emb_gates: ``[batch, 3 * hidden]`` layer-1 gates from E y_{i-1} (with bias)
-        :param state: ``[layers, batch, hidden]`` s_{i-1}
-        :param ctx_weight: ``[3 * hidden, annotation_size]`` the context's columns of
+        :param emb_gates: ``[batch, gates * hidden]`` layer-1 gates from E y_{i-1} (with bias)
+        :param state: s_{i-1}, ``[layers, batch, hidden]`` (a pair of them for an LSTM)
+        :param ctx_weight: ``[gates * hidden, annotation_size]`` the context's columns of
             layer 1's input weights
-        :return: s_i ``[layers, batch, hidden]``, c_i ``[batch, annotation_size]``,
+        :return: s_i (same form as ``state``), c_i ``[batch, annotation_size]``,
             a_i ``[batch, src_len]``
         """
-        context, weights = self.attention(state[-1], keys, annotations, src_mask)
+        context, weights = self.attention(hidden_of(state)[-1], keys, annotations, src_mask)
         gates = emb_gates + F.linear(context, ctx_weight)
-        new_states = [self.cells[0].step(gates, state[0])]  # layer 1 reads [E y_{i-1}; c_i]
+        new_states = [self.cells[0].step(gates, _layer(state, 0))]  # layer 1 reads [E y_{i-1}; c_i]
         for layer in range(1, self.layers):
-            below = F.dropout(new_states[-1], self.dropout_hidden, self.training)
-            new_states.append(self.cells[layer](below, state[layer]))
-        return torch.stack(new_states), context, weights
+            below = F.dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
+            new_states.append(self.cells[layer](below, _layer(state, layer)))
+        return _stack_layers(new_states), context, weights
 
     def _output(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         """Step 3, the deep output and the output projection, for any leading shape.

@@ -1,11 +1,12 @@
-"""Bidirectional GRU encoder (Bahdanau et al. 2015, section 3.2 and appendix A.2.1)."""
+"""Bidirectional recurrent encoder (Bahdanau et al. 2015, section 3.2 and appendix A.2.1)."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from nmt.model.gru import CELLS, make_gru_cell, run_gru
+from nmt.model.cells import CELLS
+from nmt.model.gru import make_gru_cell, run_gru
 
 
 class Encoder(nn.Module):
@@ -15,9 +16,10 @@ class Encoder(nn.Module):
     taken from the top of ``layers`` stacked bidirectional layers; layer l > 1 reads
     the concatenated annotations of layer l - 1, with dropout in between.
 
-    ``cell="fused"`` runs ``torch.nn.GRU`` over packed sequences (cuDNN on GPU);
-    ``cell="exact"`` runs :class:`~nmt.model.gru.ExactGRUCell` in a masked time loop.
-    Either way padding does not change a sentence's annotations.
+    ``cell="fused"`` runs ``torch.nn.GRU`` and ``cell="lstm"`` ``torch.nn.LSTM`` over
+    packed sequences (cuDNN on GPU); ``cell="exact"`` runs
+    :class:`~nmt.model.gru.ExactGRUCell` in a masked time loop. Either way padding does
+    not change a sentence's annotations.
     """
 
     def __init__(
@@ -34,9 +36,9 @@ class Encoder(nn.Module):
         """
         :param vocab_size: source vocabulary size
         :param emb_dim: word embedding size
-        :param hidden_size: GRU state size per direction (annotations are twice this)
+        :param hidden_size: state size per direction (annotations are twice this)
         :param layers: number of stacked bidirectional layers
-        :param cell: ``"fused"`` or ``"exact"`` (see :mod:`nmt.model.gru`)
+        :param cell: ``"fused"``, ``"exact"`` (see :mod:`nmt.model.gru`) or ``"lstm"``
         :param dropout_emb: dropout on the word embeddings
         :param dropout_hidden: dropout between stacked layers
         :param pad_id: padding token id (its embedding stays zero)
@@ -50,8 +52,8 @@ class Encoder(nn.Module):
         self.dropout_emb = dropout_emb
         self.dropout_hidden = dropout_hidden
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
-        if cell == "fused":
-            self.rnn = nn.GRU(
+        if cell in ("fused", "lstm"):
+            self.rnn = (nn.GRU if cell == "fused" else nn.LSTM)(
                 emb_dim,
                 hidden_size,
                 num_layers=layers,
@@ -74,7 +76,7 @@ class Encoder(nn.Module):
             from which the decoder's initial state is computed (appendix A.2.2)
         """
         x = F.dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
-        if self.cell == "fused":
+        if self.cell in ("fused", "lstm"):
             return self._encode_fused(x, src_lengths)
         mask = torch.arange(src.size(1), device=src.device) < src_lengths.unsqueeze(1)
         return self._encode_exact(x, mask)
@@ -82,6 +84,8 @@ class Encoder(nn.Module):
     def _encode_fused(self, x: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
         packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
         packed_out, h_n = self.rnn(packed)  # h_n: (layers * 2) x batch x hidden
+        if self.cell == "lstm":
+            h_n = h_n[0]  # (h_n, c_n): the outputs h, not the memories c
         annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=x.size(1))
         return annotations, h_n[-1]  # the top layer's backward direction comes last
 

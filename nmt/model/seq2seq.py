@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nmt.model.decoder import INIT_STATES, Decoder
+from nmt.model.cells import CELLS, gate_count
+from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, map_state
 from nmt.model.encoder import Encoder
-from nmt.model.gru import CELLS
 
 
 @dataclass
@@ -45,11 +45,13 @@ class EncoderOutput:
 
 
 class Seq2Seq(nn.Module):
-    """Bidirectional GRU encoder, additive attention and a GRU decoder with deep output.
+    """Bidirectional recurrent encoder, additive attention and a recurrent decoder with
+    deep output; GRUs (Cho et al. 2014) or LSTMs.
 
-    Parameters are initialised as follows: input-to-hidden GRU matrices Xavier-uniform
-    (per gate), hidden-to-hidden GRU matrices orthogonal (per gate), other matrices
-    Xavier-uniform, all biases zero, embeddings ``normal(0, emb_dim ** -0.5)`` with a
+    Parameters are initialised as follows: input-to-hidden recurrent matrices
+    Xavier-uniform (per gate), hidden-to-hidden matrices orthogonal (per gate), other
+    matrices Xavier-uniform, all biases zero except the LSTM forget gates' (one, as
+    Jozefowicz et al. 2015 advise), embeddings ``normal(0, emb_dim ** -0.5)`` with a
     zero padding row.
     """
 
@@ -89,7 +91,8 @@ class Seq2Seq(nn.Module):
         :param attn_dim: hidden size of the alignment model
         :param out_dim: size of the deep output layer
         :param maxout: maxout (pool 2) instead of tanh in the deep output
-        :param cell: ``"fused"`` (PyTorch/cuDNN GRU) or ``"exact"`` (Cho et al. 2014)
+        :param cell: ``"fused"`` (PyTorch/cuDNN GRU), ``"exact"`` (Cho et al. 2014) or
+            ``"lstm"`` (PyTorch/cuDNN LSTM)
         :param init_state: decoder initial state, ``"bridge"``, ``"mean"`` or ``"zero"``
         :param tie_output: share the target embedding with the output projection
             (needs ``out_dim == emb_dim``)
@@ -176,20 +179,21 @@ class Seq2Seq(nn.Module):
         keys = self.decoder.attention.compute_keys(annotations)  # batch x src_len x attn_dim
         return EncoderOutput(annotations, keys, mask, backward_h1)
 
-    def init_state(self, enc: EncoderOutput) -> Tensor:
-        """Initial decoder state ``[layers, batch, dec_hidden]``."""
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        """Initial decoder state ``[layers, batch, dec_hidden]`` (for an LSTM a pair
+        ``(h, c)`` of them); search passes it on without looking inside."""
         return self.decoder.init_state(enc.annotations, enc.backward_h1, enc.mask)
 
     def decode_step(
-        self, prev_tokens: Tensor, state: Tensor, enc: EncoderOutput
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
+    ) -> tuple[Tensor, DecoderState, Tensor]:
         """One decoder step.
 
         :param prev_tokens: ``[batch]`` previous target ids (``bos_id`` at the start)
-        :param state: ``[layers, batch, dec_hidden]``
+        :param state: from :meth:`init_state` or the previous step
         :param enc: the (selected) encoder output for this batch
-        :return: log-probabilities ``[batch, trg_vocab]`` (float32), the new state
-            ``[layers, batch, dec_hidden]`` and attention weights ``[batch, src_len]``
+        :return: log-probabilities ``[batch, trg_vocab]`` (float32), the new state and
+            attention weights ``[batch, src_len]``
         """
         logits, state, weights = self.decoder.step(
             prev_tokens, state, enc.keys, enc.annotations, enc.mask
@@ -197,12 +201,12 @@ class Seq2Seq(nn.Module):
         return F.log_softmax(logits.float(), dim=-1), state, weights
 
     @staticmethod
-    def reorder_state(state: Tensor, index: Tensor) -> Tensor:
-        """Pick batch entries of a decoder state ``[layers, batch, dec_hidden]``.
+    def reorder_state(state: DecoderState, index: Tensor) -> DecoderState:
+        """Pick batch entries of a decoder state (each tensor ``[layers, batch, dec_hidden]``).
 
         :param index: ``[n]`` long, batch positions to keep (repeats allowed)
         """
-        return state.index_select(1, index)
+        return map_state(state, lambda s: s.index_select(1, index))
 
     def _word_dropout(self, tokens: Tensor) -> Tensor:
         """Replace each word other than pad and bos with unk with prob. ``dropout_word``.
@@ -214,14 +218,17 @@ class Seq2Seq(nn.Module):
         return tokens.masked_fill(drop, self.unk_id)
 
     def _reset_parameters(self) -> None:
+        gates = gate_count(self._config["cell"])
         for name, param in self.named_parameters():
             if param.dim() == 1:
                 nn.init.zeros_(param)
+                if gates == 4 and "bias_ih" in name:  # LSTM gate order i, f, g, o
+                    nn.init.ones_(param.data.chunk(4)[1])
             elif "weight_hh" in name:  # recurrent matrices, one block per gate
-                for block in param.data.chunk(3, dim=0):
+                for block in param.data.chunk(gates, dim=0):
                     nn.init.orthogonal_(block)
             elif "weight_ih" in name:
-                for block in param.data.chunk(3, dim=0):
+                for block in param.data.chunk(gates, dim=0):
                     nn.init.xavier_uniform_(block)
             else:
                 nn.init.xavier_uniform_(param)

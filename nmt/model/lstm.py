@@ -1,0 +1,64 @@
+"""The long short-term memory cell (Hochreiter & Schmidhuber 1997, with the forget gate
+of Gers et al. 2000), as ``torch.nn.LSTMCell`` computes it.
+
+It offers the GRU cells' interface (:mod:`nmt.model.gru`): ``project_input`` outside
+the time loop, ``step`` inside it. Its state is a pair ``(h, c)``: the output ``h``,
+which the next layer and the attention read, and the memory ``c``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class LSTMCell(nn.Module):
+    """The cell of ``torch.nn.LSTMCell`` (and cuDNN), with the same parameter layout
+    (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``; gate order i, f, g, o)::
+
+        i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)      input gate
+        f_t = sigmoid(W_if x_t + b_if + W_hf h_{t-1} + b_hf)      forget gate
+        g_t = tanh(W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)         candidate
+        o_t = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)      output gate
+        c_t = f_t * c_{t-1} + i_t * g_t
+        h_t = o_t * tanh(c_t)
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.zeros(4 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.zeros(4 * hidden_size))
+        bound = hidden_size**-0.5
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+
+    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
+        """Input half of the gates, ``W_i x + b_i``; same contract as
+        :meth:`nmt.model.gru.ExactGRUCell.project_input` (gate order i, f, g, o).
+
+        :return: ``[..., 4 * hidden]``
+        """
+        weight = self.weight_ih[:, offset : offset + x.size(-1)]
+        return F.linear(x, weight, self.bias_ih if bias else None)
+
+    def step(self, gates_x: Tensor, state: LSTMState) -> LSTMState:
+        """One ``nn.LSTMCell`` step.
+
+        :param gates_x: ``[batch, 4 * hidden]`` from ``project_input``
+        :param state: ``(h, c)``, each ``[batch, hidden]``
+        :return: the new ``(h, c)``
+        """
+        h, c = state
+        gates = gates_x + F.linear(h, self.weight_hh, self.bias_hh)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def forward(self, x: Tensor, state: LSTMState) -> LSTMState:
+        """One step from the raw input ``[batch, input]``."""
+        return self.step(self.project_input(x), state)
