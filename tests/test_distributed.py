@@ -58,7 +58,7 @@ def one_update(recipe, data: Path, groups: list, world=None) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _rank(rank: int, port: int, folder: Path) -> None:
+def _rank(rank: int, port: int, folder: Path, recipes: dict) -> None:
     """One rank: single DDP updates with accumulation 1 and 2 (rank 0 saves the
     parameters), then a DDP training run that resumes a 1-process run and one that is
     stopped, counting every file this rank writes."""
@@ -68,7 +68,7 @@ def _rank(rank: int, port: int, folder: Path) -> None:
 
     join(rank, port)
     world = setup("cpu")
-    recipe = toy_recipe(folder, steps=10)
+    recipe = recipes[10]
     data = folder / "run" / "data"
     corpus = EncodedCorpus.open(data, "train")
     for accum in (1, 2):
@@ -107,7 +107,7 @@ def _rank(rank: int, port: int, folder: Path) -> None:
 
     nmt.train.StopRequest = StopOnRank1
     writes.clear()
-    result = train(toy_recipe(folder, steps=16), folder / "run", device="cpu", evaluate_at_end=False)
+    result = train(recipes[16], folder / "run", device="cpu", evaluate_at_end=False)
     report.update(stopped={"writes": writes, "steps": result.steps, "interrupted": result.interrupted})
     (folder / f"rank{rank}.json").write_text(json.dumps(report))
     world.close()
@@ -118,7 +118,8 @@ def ddp(tmp_path_factory) -> Path:
     """4 updates on 1 process, then 2 processes (gloo) run `_rank` (one start for both tests)."""
     folder = tmp_path_factory.mktemp("ddp")
     train(toy_recipe(folder, steps=4), folder / "run", device="cpu", evaluate_at_end=False)
-    job = mp.spawn(_rank, args=(free_port(), folder), nprocs=WORLD, join=False)
+    recipes = {steps: toy_recipe(folder, steps) for steps in (10, 16)}  # written here, not by 2 ranks at once
+    job = mp.spawn(_rank, args=(free_port(), folder, recipes), nprocs=WORLD, join=False)
     for _ in range(300):  # ranks that disagree wait for each other forever: give up after 5 minutes
         if job.join(timeout=1):
             return folder
@@ -172,13 +173,28 @@ def test_checkpoints_written_once_and_resume_on_another_world_size(ddp):
     assert (progress["epoch"], progress["batches_in_epoch"]) == (0, 22)
 
 
+def test_checkpoint_from_before_batches_in_epoch_resumes_in_place(tmp_path):
+    """Older checkpoints (one process) counted updates in the epoch, not batches."""
+    recipe = make_recipe(tmp_path, steps=2, extra=["train.batch_tokens=200", "train.accum_steps=2"])
+    train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = torch.load(last)
+    progress = payload["train_state"]["progress"]
+    assert progress.pop("batches_in_epoch") == 4
+    progress["group_in_epoch"] = 2
+    torch.save(payload, last)
+    recipe = make_recipe(tmp_path, steps=3, extra=["train.batch_tokens=200", "train.accum_steps=2"])
+    train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
+    assert torch.load(last)["train_state"]["progress"]["batches_in_epoch"] == 6
+
+
 def test_torchrun_trains_tiny_recipe(tmp_path):
     """`torchrun --nproc-per-node 2 -m nmt train RECIPE`: finishes, learns, logs once."""
     make_recipe(tmp_path, steps=40, valid_every=20)
     env = {**os.environ, "NMT_RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("NMT_DATA_DIR", None)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(WORLD), "-m", "nmt", "train",
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun script runs
+    cmd = [*torchrun, "--standalone", "--nproc-per-node", str(WORLD), "-m", "nmt", "train",
            str(tmp_path / "toy.yaml"), "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
