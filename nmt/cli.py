@@ -144,9 +144,26 @@ def train(
         raise typer.Exit(130)
 
 
+ModelOpt = typer.Option(
+    [], "--model", "-m",
+    help="run folder or checkpoint; repeat for an ensemble (log-probabilities averaged) [default: the latest trained run]",
+)
+
+
+def _load_models(models: list[Path], dev):
+    """One model, or an ensemble of several, from run folders or checkpoint files."""
+    from nmt.ensemble import load_ensemble
+    from nmt.runs import resolve_model
+
+    paths = _guard(lambda: [resolve_model(m) for m in models] or [resolve_model(None)])
+    loaded = _guard(lambda: load_ensemble(paths, dev))
+    print(f"model: {' + '.join(map(str, paths))}", file=sys.stderr)
+    return paths, loaded
+
+
 @app.command()
 def translate(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="run folder or checkpoint [default: the latest trained run]"),
+    model: List[Path] = ModelOpt,
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="read this file instead of stdin"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write this file instead of stdout"),
     beam_size: Optional[int] = typer.Option(None, "--beam-size", "-b", min=1, help="beam size, 1 = greedy [default: recipe]"),
@@ -157,12 +174,11 @@ def translate(
     device: str = DeviceOpt,
 ):
     """Translate lines from stdin (or --input) to stdout (or --output), one line per line."""
-    from nmt.checkpoint import atomic_write, load_model
-    from nmt.runs import resolve_model
+    from nmt.checkpoint import atomic_write
     from nmt.translate import SearchOptions, Translator, read_lines, translate_stream
 
     dev = _device(device)
-    loaded = _guard(lambda: load_model(resolve_model(model), dev))
+    _, loaded = _load_models(model, dev)
     opts = SearchOptions.from_recipe(
         loaded.recipe.decode, beam_size=beam_size, length_penalty=length_penalty,
         max_len_a=max_len_ratio, batch_size=batch_size, nbest=nbest,
@@ -170,7 +186,6 @@ def translate(
     if nbest > opts.beam_size:
         opts = SearchOptions(**{**vars(opts), "beam_size": nbest})
     translator = Translator(loaded, opts, dev)
-    print(f"model: {loaded.path}", file=sys.stderr)
 
     if input is None and output is None and sys.stdin.isatty():
         _interactive(translator)
@@ -209,7 +224,7 @@ def _interactive(translator) -> None:
 
 @app.command()
 def evaluate(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="run folder or checkpoint [default: the latest trained run]"),
+    model: List[Path] = ModelOpt,
     split: List[str] = typer.Option([], "--split", help="test split to evaluate (repeatable) [default: all the run has]"),
     src: Optional[Path] = typer.Option(None, "--src", help="score on this source file (with --ref)"),
     ref: Optional[Path] = typer.Option(None, "--ref", help="reference translations of --src"),
@@ -217,16 +232,15 @@ def evaluate(
     device: str = DeviceOpt,
 ):
     """Translate test splits (or --src) and print BLEU, chrF2, TER with sacreBLEU signatures."""
-    from nmt.checkpoint import load_model
     from nmt.evaluate import evaluate_pairs, format_table
-    from nmt.runs import data_dir_of, resolve_model, test_splits_of
+    from nmt.runs import data_dir_of, test_splits_of
     from nmt.translate import SearchOptions, Translator
 
     if (src is None) != (ref is None):
         fail("--src and --ref go together", 2)
     dev = _device(device)
-    ckpt = _guard(lambda: resolve_model(model))
-    loaded = _guard(lambda: load_model(ckpt, dev))
+    paths, loaded = _load_models(model, dev)
+    ckpt = paths[0]  # test splits and the eval/ folder: the first model's run
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode, beam_size=beam_size), dev)
     if src is not None:
@@ -252,3 +266,15 @@ def evaluate(
 
     rows = _guard(run)
     print(format_table(rows))
+
+
+@app.command()
+def average(
+    checkpoints: List[Path] = typer.Argument(..., help="checkpoint files, or run folders (their kept step-N.pt)"),
+    output: Path = typer.Option(..., "--output", "-o", help="write the averaged checkpoint here"),
+):
+    """Average the parameters of several checkpoints of one model into one checkpoint."""
+    from nmt.average import average_checkpoints
+
+    used = _guard(lambda: average_checkpoints(checkpoints, output))
+    print(f"averaged {len(used)} checkpoints ({', '.join(p.name for p in used)}) into {output}", file=sys.stderr)

@@ -89,13 +89,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
-    def main_first(self, fn: Callable[[], Any]) -> None:
-        """Run fn on rank 0 while the other ranks wait. An exception on rank 0 is
-        re-raised there and reaches the others as a DistributedError with its message."""
-        error: BaseException | None = None
+    def main_first(self, fn: Callable[[], Any], *, then_others: bool = False) -> Any:
+        """Run fn on rank 0 while the other ranks wait, then (then_others) on them too;
+        returns fn's result where it ran. An exception on rank 0 is re-raised there and
+        reaches the others as a DistributedError with its message."""
+        result, error = None, None
         if self.is_main:
             try:
-                fn()
+                result = fn()
             except Exception as e:  # relayed below, then re-raised
                 error = e
         message = self.broadcast(None if error is None else str(error))
@@ -103,6 +104,9 @@ class Dist:
             raise error
         if message is not None:
             raise DistributedError(f"rank 0 failed: {message}")
+        if then_others and not self.is_main:
+            result = fn()
+        return result
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise on every rank unless every rank holds rank 0's `value`."""

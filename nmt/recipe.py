@@ -116,6 +116,14 @@ class TrainConfig:
     valid_every: int = _f(500, "validate every N updates (and at each epoch's end)", min=1)
     valid_beam_size: int = _f(1, "beam size for validation BLEU (1: greedy)", min=1)
     keep_best: int = _f(2, "keep this many best checkpoints by validation BLEU", min=1)
+    average_best: int = _f(
+        0, "at the end, average the N best checkpoints into checkpoints/average.pt; best.pt becomes "
+        "whichever of it and the best single checkpoint has the higher validation BLEU (0: off)", min=0,
+    )
+    save_every: int = _f(0, "also save checkpoints/last.pt every N updates (0: at validations only)", min=0)
+    max_nonfinite: int = _f(
+        5, "stop after this many updates in a row with a NaN/inf loss or gradient (each is skipped)", min=1,
+    )
     patience: int = _f(0, "stop after N validations without BLEU improvement (0: off)", min=0)
     log_every: int = _f(50, "write a metrics line every N updates", min=1)
     precision: str = _f(
@@ -242,6 +250,11 @@ def _check_cross(obj, where: str) -> None:
             fail("data.hub_columns", "expected [source column, target column]")
     if isinstance(obj, TrainConfig) and len(obj.adam_betas) != 2:
         fail("train.adam_betas", "expected [beta1, beta2]")
+    if isinstance(obj, TrainConfig) and obj.average_best:
+        if obj.average_best == 1:
+            fail("train.average_best", "averaging needs at least 2 checkpoints (0: off)")
+        if obj.average_best > obj.keep_best:
+            fail("train.average_best", f"cannot exceed train.keep_best ({obj.keep_best}), the checkpoints kept")
     if isinstance(obj, Recipe):
         if obj.model.tie_all and not obj.tokenizer.joint:
             fail("model.tie_all", "needs a joint vocabulary (tokenizer.joint: true)")

@@ -4,18 +4,23 @@
     for each epoch: token batches (a pure function of seed and epoch) -> update ->
     log / validate / keep the best checkpoints -> evaluate the best on the test splits.
 
-A run interrupted at any update boundary (Ctrl-C, SIGTERM, or killed between
-checkpoints) resumes from checkpoints/last.pt with the same data order and RNG state,
-so on CPU a resumed run ends bit-identical to an uninterrupted one.
+Faults: a run killed at any moment (Ctrl-C and SIGTERM save first; SIGKILL does not)
+resumes from checkpoints/last.pt, or from prev.pt when last.pt is unreadable, with the
+same data order and RNG state, so on CPU a resumed run ends bit-identical to an
+uninterrupted one. Checkpoints are written atomically (never half a file), one process
+at a time may train in a run folder (RunLock), and updates with a non-finite loss or
+gradient are skipped.
 
 Under torchrun the same loop runs in every process (`nmt.distributed`): DDP averages the
 gradients, each rank trains on its own shard of every epoch's batches, and rank 0 alone
-preprocesses, validates and writes checkpoints, metrics and logs.
+holds the lock, preprocesses, validates and writes checkpoints, metrics and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +44,8 @@ from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
 from nmt.train_utils import (
     LRSchedule,
     MetricsLog,
+    RunLock,
+    RunLockedError,
     StopRequest,
     link_or_copy,
     make_optimizer,
@@ -61,6 +68,9 @@ class TrainState:
     best: list = field(default_factory=list)  # [[bleu, step], ...] best first
     bad_validations: int = 0  # validations since the best BLEU improved
     last_valid_step: int = -1
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient, in all
+    nonfinite_in_a_row: int = 0
+    saved_step: int = -1  # the update checkpoints/last.pt holds
 
     def restore(self, progress: dict, accum_steps: int) -> None:
         progress = dict(progress)
@@ -95,16 +105,24 @@ def train(
     evaluate_at_end: bool = True,
 ) -> TrainResult:
     """Train one run; started by torchrun, this process is one rank of a DDP job."""
+    run_dir = Path(run_dir)
     world = setup_distributed(device)
     try:
-        return _train(recipe, Path(run_dir), world, restart=restart, data_dir=data_dir,
-                      evaluate_at_end=evaluate_at_end)
+        with contextlib.ExitStack() as held:
+            lock = RunLock(run_dir)
+            world.main_first(lambda: held.enter_context(lock))  # rank 0 holds it for the whole job
+            if lock.taken_over:
+                log(f"{lock.path}: taking over the lock of a run that ended without releasing it ({lock.taken_over})")
+            return _train_locked(recipe, run_dir, world, restart=restart, data_dir=data_dir,
+                                 evaluate_at_end=evaluate_at_end)
+    except RunLockedError as e:
+        raise TrainError(str(e)) from None
     finally:
         world.close()
 
 
-def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_dir: Path | None,
-           evaluate_at_end: bool) -> TrainResult:
+def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_dir: Path | None,
+                  evaluate_at_end: bool) -> TrainResult:
     cfg = recipe.train
 
     def prepare() -> None:  # rank 0 only, while the others wait
@@ -137,10 +155,16 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
     schedule = LRSchedule(cfg)
     state = TrainState()
     ckpts = checkpoint_dir(run_dir)
-    resumed = _resume(ckpts, model, optimizer, schedule, state, dev)
+    if world.is_main:
+        _remove_partial_writes(ckpts)
+    # Rank 0 first (it moves a damaged last.pt aside), then the others load what it loaded.
+    resumed = world.main_first(lambda: _resume(ckpts, model, optimizer, schedule, state, dev), then_others=True)
     world.check_same(state.step, "checkpoints (last.pt)")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     if resumed:
         log(f"resuming from {resumed} at update {state.step} (epoch {state.epoch + 1})")
+        if world.is_main:
+            metrics.truncate_after(state.step)  # the updates after it are replayed
     world.seed_rank(recipe.seed, state.step)
     net = world.wrap(model)  # what the training step calls; `model` is what is saved and validated
     if world.is_main:
@@ -152,7 +176,6 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
         f"accumulation = {cfg.batch_tokens * world.world_size * cfg.accum_steps:,} padded tokens per update"
         + (f" (DDP, {world.backend})" if world.enabled else ""))
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     decode_opts = SearchOptions.from_recipe(recipe.decode, beam_size=cfg.valid_beam_size)
     # Inputs may be up to twice as long as the longest training sentence; longer ones are
     # truncated (silently in validation, with a warning in `nmt translate`).
@@ -215,10 +238,12 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
         improved = not state.best or bleu > state.best[0][0]
         state.bad_validations = 0 if improved else state.bad_validations + 1
         schedule.on_validation(bleu, optimizer)
-        _keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: save_checkpoint(path, payload(False, scores)))
-        save_checkpoint(ckpts / "last.pt", payload(True, scores))
+        _keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: _save(path, payload(False, scores)))
+        # The log first: if killed before last.pt is written, the resumed run drops this
+        # record and writes it again, so each step is logged once.
         metrics.write(kind="valid", step=state.step, epoch=state.epoch + 1, **scores,
                       best_bleu=state.best[0][0], lr=schedule.lr)
+        _save_last(ckpts, state, lambda: payload(True, scores))
         log(f"valid | update {state.step} | loss {loss:.3f} | ppl {scores['valid_ppl']:.2f} | "
             f"BLEU {bleu:.2f} | best {state.best[0][0]:.2f} (update {state.best[0][1]}) | "
             f"{scores['valid_seconds']:.1f}s" + ("" if improved else f" | no improvement x{state.bad_validations}"))
@@ -254,8 +279,15 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
                 lr = schedule.apply(optimizer, state.step)
                 batches_in_group = [collate(train_set, idx) for idx in group]
                 loss, n_tok, n_src = train_step(net, optimizer, batches_in_group, cfg, dev, use_bf16, world)
-                state.step += 1
                 state.batches_in_epoch += len(group) * world.world_size
+                if not math.isfinite(loss):  # on every rank alike: train_step agrees on it
+                    _skip_nonfinite(state, cfg, ckpts)
+                    if world.any(stop.requested):
+                        interrupted = True
+                        break
+                    continue
+                state.nonfinite_in_a_row = 0
+                state.step += 1
                 window["loss"] += loss * n_tok
                 window["tokens"] += n_tok
                 window["src_tokens"] += n_src
@@ -272,6 +304,8 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
                 bar.update(1)
                 if state.step % cfg.valid_every == 0:
                     validate()
+                elif cfg.save_every and state.step % cfg.save_every == 0 and world.is_main:
+                    _save_last(ckpts, state, lambda: payload(True, {}))
                 if world.any(stop.requested):  # every rank stops after the same update
                     interrupted = True
                     break
@@ -284,7 +318,7 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
                     validate()
     bar.close()
     if interrupted and world.is_main:
-        save_checkpoint(ckpts / "last.pt", payload(True, {}))
+        _save_last(ckpts, state, lambda: payload(True, {}))
         log(f"stopped by {stop.signal_name or 'a signal to another rank'} at update {state.step}; "
             f"checkpoint saved to {ckpts / 'last.pt'}; "
             "run the same command again to resume")
@@ -294,6 +328,9 @@ def _train(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_di
     if stopped_early:
         log(f"early stopping: no BLEU improvement in {cfg.patience} validations")
 
+    if cfg.average_best and not interrupted and len(state.best) >= 2 and world.is_main:
+        _average_best(ckpts, state, cfg.average_best, model, lambda: bleu_score(
+            valid_translator.translate_lines(valid_src), valid_ref), metrics)
     best_path = ckpts / "best.pt"
     if evaluate_at_end and not interrupted and world.is_main and best_path.is_file():
         _evaluate_best(best_path, run_dir, dev)
@@ -313,6 +350,8 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool,
     world_size makes that average the gradient of the loss summed over every rank's
     tokens, as one process computes it on the union of the batches.
     Returns the mean per-token loss, target tokens and source tokens of this rank's group.
+    When the loss (on any rank) or the gradient is NaN or infinite the parameters are left
+    untouched and the loss returned is NaN.
     """
     n_tok = sum(int((b["trg_out"] != 0).sum()) for b in batches)
     n_src = sum(int(b["src_lengths"].sum()) for b in batches)
@@ -329,9 +368,76 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool,
         (loss / n_tok_all * world.world_size).backward()
         total += loss.item()
     if cfg.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if world.any(not (math.isfinite(total) and math.isfinite(norm.item()))):
+        optimizer.zero_grad(set_to_none=True)
+        return math.nan, n_tok, n_src
     optimizer.step()
     return total / max(n_tok, 1), n_tok, n_src
+
+
+def _skip_nonfinite(state: TrainState, cfg, ckpts: Path) -> None:
+    """Count a skipped update; too many in a row end training, keeping the last good checkpoint."""
+    state.skipped += 1
+    state.nonfinite_in_a_row += 1
+    log(f"warning: update {state.step + 1} skipped: NaN or infinite loss or gradient "
+        f"({state.nonfinite_in_a_row} in a row, {state.skipped} in all)")
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite:
+        last = ckpts / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
+        raise TrainError(f"stopped: {state.nonfinite_in_a_row} updates in a row had a NaN or infinite loss or "
+                         f"gradient (train.max_nonfinite); {kept}. Try a lower train.lr, train.clip_norm, "
+                         "or train.precision fp32")
+
+
+def _save(path: Path, payload: dict) -> None:
+    """save_checkpoint with a message that says what a failed write leaves behind."""
+    try:
+        save_checkpoint(path, payload)
+    except OSError as e:
+        raise TrainError(f"cannot write {path}: {e.strerror or e}; the checkpoints written before are intact") from None
+
+
+def _save_last(ckpts: Path, state: TrainState, payload) -> None:
+    """Write last.pt; the one it replaces stays as prev.pt (unless it holds this same
+    update), a fallback should last.pt be damaged later."""
+    last = ckpts / "last.pt"
+    if last.exists() and state.saved_step != state.step:
+        link_or_copy(last, ckpts / "prev.pt")
+    state.saved_step = state.step
+    _save(last, payload())
+
+
+def _average_best(ckpts: Path, state: TrainState, n: int, model, valid_bleu, metrics: MetricsLog) -> None:
+    """Average the n best checkpoints into average.pt and validate it; best.pt becomes
+    the average when its BLEU beats the best single checkpoint's."""
+    from nmt.average import average_payloads
+
+    chosen = [step for _, step in state.best[:n]]
+    files = [ckpts / f"step-{step}.pt" for step in chosen]
+    averaged = average_payloads([load_checkpoint(p) for p in files], [p.name for p in files])
+    model.load_state_dict(averaged["model"])  # training is over: decode with the average
+    model.eval()
+    bleu = valid_bleu()
+    averaged["metrics"] = {"valid_bleu": bleu}
+    _save(ckpts / "average.pt", averaged)
+    metrics.write(kind="average", step=state.step, valid_bleu=bleu, averaged_steps=chosen)
+    single = state.best[0][0]
+    if bleu > single:
+        link_or_copy(ckpts / "average.pt", ckpts / "best.pt")
+    log(f"average of the {len(chosen)} best checkpoints (updates {', '.join(map(str, chosen))}): validation BLEU "
+        f"{bleu:.2f} against {single:.2f} for the best single one; best.pt is "
+        + ("the average" if bleu > single else f"step-{state.best[0][1]}.pt"))
+
+
+def _remove_partial_writes(ckpts: Path) -> None:
+    """Delete the temporary files of writes that a killed run left unfinished."""
+    if ckpts.is_dir():
+        for tmp in ckpts.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            log(f"removed {tmp.name}, an unfinished write of a run that was killed")
 
 
 def _keep_best(ckpts: Path, state: TrainState, bleu: float, keep: int, save) -> None:
@@ -347,14 +453,25 @@ def _keep_best(ckpts: Path, state: TrainState, bleu: float, keep: int, save) -> 
 
 
 def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> Path | None:
-    """Restore model, optimizer, schedule, progress and RNG state from last.pt."""
-    last = ckpts / "last.pt"
-    if not last.exists():
+    """Restore model, optimizer, schedule, progress and RNG state from last.pt, or from
+    prev.pt when last.pt is unreadable (a damaged file is renamed *.corrupt)."""
+    candidates = [p for p in (ckpts / "last.pt", ckpts / "prev.pt") if p.exists()]
+    if not candidates:
         return None
-    try:
-        payload = load_checkpoint(last, map_location=dev)
-    except CheckpointError as e:
-        raise TrainError(f"{e}; move it aside or use --restart") from None
+    problems = []
+    for last in candidates:
+        try:
+            payload = load_checkpoint(last, map_location=dev)
+            break
+        except CheckpointError as e:
+            problems.append(str(e))
+            aside = last.with_name(last.name + ".corrupt")
+            os.replace(last, aside)
+            log(f"warning: {e}; moved it to {aside.name}")
+    else:
+        raise TrainError(f"no usable checkpoint to resume from ({'; '.join(problems)}); use --restart")
+    if problems:
+        log(f"falling back to {last} (update {payload['step']})")
     if payload["model_config"] != model.config or "train_state" not in payload:
         raise TrainError(f"{last} holds a different model than the recipe describes; "
                          "use --restart (or another --run-dir) to train this one")

@@ -83,6 +83,23 @@ class MetricsLog:
         except ImportError:
             pass
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (and any half-written line): a resumed run replays
+        those updates, so the log keeps exactly one history."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        from nmt.checkpoint import atomic_write
+
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+
     def write(self, *, kind: str, step: int, **values) -> None:
         record = {"time": round(time.time(), 3), "kind": kind, "step": step, **values}
         with open(self.path, "a", encoding="utf-8") as f:
@@ -132,6 +149,8 @@ class StopRequest:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Point dst at src's content atomically: a hard link where possible, else a copy."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already the same file (renaming a link onto itself would leave tmp behind)
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -141,6 +160,57 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+class RunLockedError(Exception):
+    """Another process is training in this run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole of `nmt train`.
+
+    The lock is `flock` on run_dir/train.lock, so the kernel releases it when its holder
+    dies, however it dies: a lock left by a killed run is simply taken over. The file
+    names the holder (process id, host, start time) for the message the next run prints.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "train.lock"
+        self.file = None
+        self.taken_over = ""  # the holder a killed run left in the file, if any
+
+    def __enter__(self):
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunLockedError(f"{self.path.parent} is in use: {holder} is training there; "
+                                 "wait for it to finish, stop it, or use another --run-dir") from None
+        self.file.seek(0)
+        self.taken_over = self.file.read().strip()
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()} "
+                        f"(since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        self.file.seek(0)
+        self.file.truncate()  # an empty file: released cleanly
+        self.file.flush()
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        self.file.close()
+        return False
 
 
 def set_aside(run_dir: Path) -> Path | None:

@@ -60,8 +60,8 @@ def one_update(recipe, data: Path, groups: list, world=None) -> dict:
 
 def _rank(rank: int, port: int, folder: Path, recipes: dict) -> None:
     """One rank: single DDP updates with accumulation 1 and 2 (rank 0 saves the
-    parameters), then a DDP training run that resumes a 1-process run and one that is
-    stopped, counting every file this rank writes."""
+    parameters), then DDP training runs that resume a 1-process run, are stopped, and
+    meet an infinite loss, counting every file this rank writes."""
     import nmt.checkpoint
     import nmt.train
     import nmt.train_utils
@@ -89,7 +89,7 @@ def _rank(rank: int, port: int, folder: Path, recipes: dict) -> None:
     log_write = nmt.train_utils.MetricsLog.write
     nmt.train_utils.MetricsLog.write = lambda self, **kw: (writes.append("metrics"), log_write(self, **kw))
     result = train(recipe, folder / "run", device="cpu", evaluate_at_end=False)
-    report = {"writes": writes, "steps": result.steps, "best_bleu": result.best_bleu}
+    report = {"writes": list(writes), "steps": result.steps, "best_bleu": result.best_bleu}
 
     # On to 16 updates, but rank 1 alone is asked to stop during its 2nd update: every
     # rank stops after update 12, and rank 0 saves last.pt.
@@ -105,10 +105,31 @@ def _rank(rank: int, port: int, folder: Path, recipes: dict) -> None:
         def requested(self, value):
             pass
 
+    stop_request = nmt.train.StopRequest
     nmt.train.StopRequest = StopOnRank1
     writes.clear()
     result = train(recipes[16], folder / "run", device="cpu", evaluate_at_end=False)
-    report.update(stopped={"writes": writes, "steps": result.steps, "interrupted": result.interrupted})
+    report.update(stopped={"writes": list(writes), "steps": result.steps, "interrupted": result.interrupted})
+    nmt.train.StopRequest = stop_request
+
+    # On to 14 updates, with an infinite loss (and a finite gradient) on rank 1 alone in
+    # the 2nd: every rank skips that update.
+    calls, skipped = [], []
+    loss_fn, skip_fn = nmt.train.smoothed_cross_entropy, nmt.train._skip_nonfinite
+
+    def infinite_once(*args, **kwargs):
+        calls.append(1)
+        loss = loss_fn(*args, **kwargs)
+        return loss + float("inf") if rank == 1 and len(calls) == 2 else loss
+
+    def skip(state, *args):
+        skipped.append(state.step + 1)
+        skip_fn(state, *args)
+
+    nmt.train.smoothed_cross_entropy, nmt.train._skip_nonfinite = infinite_once, skip
+    writes.clear()
+    result = train(recipes[14], folder / "run", device="cpu", evaluate_at_end=False)
+    report.update(nonfinite={"skipped": skipped, "steps": result.steps, "rank1_writes": list(writes)})
     (folder / f"rank{rank}.json").write_text(json.dumps(report))
     world.close()
 
@@ -118,7 +139,7 @@ def ddp(tmp_path_factory) -> Path:
     """4 updates on 1 process, then 2 processes (gloo) run `_rank` (one start for both tests)."""
     folder = tmp_path_factory.mktemp("ddp")
     train(toy_recipe(folder, steps=4), folder / "run", device="cpu", evaluate_at_end=False)
-    recipes = {steps: toy_recipe(folder, steps) for steps in (10, 16)}  # written here, not by 2 ranks at once
+    recipes = {steps: toy_recipe(folder, steps) for steps in (10, 14, 16)}  # written here, not by 2 ranks at once
     job = mp.spawn(_rank, args=(free_port(), folder, recipes), nprocs=WORLD, join=False)
     for _ in range(300):  # ranks that disagree wait for each other forever: give up after 5 minutes
         if job.join(timeout=1):
@@ -161,16 +182,21 @@ def test_checkpoints_written_once_and_resume_on_another_world_size(ddp):
     assert stopped[0]["interrupted"] and stopped[1]["interrupted"]
     assert stopped[0]["writes"][-1] == "last.pt" and stopped[1]["writes"] == []
 
+    nonfinite = [r["nonfinite"] for r in ranks]
+    assert nonfinite[0]["skipped"] == nonfinite[1]["skipped"] == [14]
+    assert nonfinite[0]["steps"] == nonfinite[1]["steps"] == 14 and nonfinite[1]["rank1_writes"] == []
+
     # Back to 1 process: 2 more updates.
-    recipe = toy_recipe(ddp, steps=14)
+    recipe = toy_recipe(ddp, steps=16)
     result = train(recipe, run, device="cpu", evaluate_at_end=False)
-    assert result.steps == 14
+    assert result.steps == 16
     progress = torch.load(run / "checkpoints" / "last.pt")["train_state"]["progress"]
     corpus = EncodedCorpus.open(run / "data", "train")
     n_batches = len(token_batches(corpus.src_lengths, corpus.trg_lengths, batch_tokens=200, seed=recipe.seed, epoch=0))
-    assert n_batches > 4 + 8 * 2 + 2  # still inside the first epoch
-    # The position in the epoch's order carried across: 4 x 1 + 8 x 2 + 2 x 1 batches.
-    assert (progress["epoch"], progress["batches_in_epoch"]) == (0, 22)
+    assert n_batches > 4 + 11 * 2 + 2  # still inside the first epoch
+    # The position in the epoch's order carried across: 4 x 1 + (8 + 3) x 2 + 2 x 1 batches
+    # (the skipped update consumed its batches too).
+    assert (progress["epoch"], progress["batches_in_epoch"]) == (0, 28)
 
 
 def test_checkpoint_from_before_batches_in_epoch_resumes_in_place(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,10 @@ def _bad_inputs():
         ("invalid utf-8", write("test.en", b"ok\nok\n\xff\n" + b"x\n" * 17), "test.en", "line 3: invalid UTF-8"),
         ("not text", write("train.de", bytes(range(256)) * 4), "train.de", "not a text file"),
         ("unequal counts", write("val.en", b"one\n"), "val.en", "val.de has 20 lines, .*val.en has 1$"),
+        ("10 MB line", write("train.en", b"a sentence\n" * 3 + b"word " * 2_000_000 + b"\n"), "train.en",
+         "line 4: longer than 1,048,576 bytes; not a file of one sentence per line"),
+        ("binary file", write("test.de", bytes(random.Random(0).getrandbits(8) for _ in range(100_000))), "test.de",
+         "line [0-9]+: (invalid UTF-8|NUL byte)"),
     ]
 
 

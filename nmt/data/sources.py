@@ -129,7 +129,8 @@ def read_lines(path: Path) -> Iterator[str]:
             pending = block[cut:]
             if len(pending) > MAX_LINE_BYTES:
                 line = lineno + block.count(b"\n") + 1
-                raise DataError(f"{path}: line {line}: longer than {MAX_LINE_BYTES} bytes; not a text file")
+                raise DataError(f"{path}: line {line}: longer than {MAX_LINE_BYTES:,} bytes; "
+                                "not a file of one sentence per line")
             if cut:
                 lines = _decode_lines(block[: cut - 1], path, lineno)
                 lineno += len(lines)

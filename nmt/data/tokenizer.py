@@ -113,6 +113,15 @@ class Tokenizer:
         """The piece string of each id (for inspection and attention plots)."""
         return [self._sp.id_to_piece(int(i)) for i in ids]
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """True when both give every text the same ids: the same pieces and scores, in the
+        same order (model files of separately trained runs differ in their metadata)."""
+        def table(tok):
+            sp = tok._sp
+            return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+
+        return self._bytes == other._bytes or table(self) == table(other)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self._bytes == other._bytes
 
