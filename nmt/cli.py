@@ -278,3 +278,33 @@ def average(
 
     used = _guard(lambda: average_checkpoints(checkpoints, output))
     print(f"averaged {len(used)} checkpoints ({', '.join(p.name for p in used)}) into {output}", file=sys.stderr)
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="run folder or checkpoint [default: the latest trained run]"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed on stderr)"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="sentences per decoding batch"),
+    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0.0, help="longest wait for a batch to fill, in milliseconds"),
+    max_sentences: int = typer.Option(100, "--max-sentences", min=1, help="sentences per request; more is a 413"),
+    max_chars: int = typer.Option(1000, "--max-chars", min=1, help="characters per sentence; more is a 413"),
+    device: str = DeviceOpt,
+):
+    """Serve a model over HTTP: POST /translate, GET /health, GET /info (needs the `serve` extra)."""
+    try:
+        from nmt.serve import ServeLimits, serve as run_server
+    except ImportError as e:
+        fail(f"nmt serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'nmt[serve]'")
+
+    dev = _device(device)
+    limits = ServeLimits(max_sentences=max_sentences, max_chars=max_chars, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    def run():
+        try:
+            run_server(model, host=host, port=port, limits=limits, device=dev)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+            raise typer.Exit(130)
+
+    _guard(run)

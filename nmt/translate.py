@@ -105,9 +105,11 @@ class Translator:
                 ids[k] = seq[: self.max_src_len]
         return ids
 
-    def translate(self, lines: list[str], first_line_no: int = 1) -> list[list[tuple[str, Hypothesis]]]:
-        """n-best (text, hypothesis) pairs per input line."""
-        hyps = translate_ids(self.model, self.encode(lines, first_line_no), self.opts, self.device)
+    def translate(
+        self, lines: list[str], first_line_no: int = 1, opts: SearchOptions | None = None
+    ) -> list[list[tuple[str, Hypothesis]]]:
+        """n-best (text, hypothesis) pairs per input line, with `opts` or the translator's own."""
+        hyps = translate_ids(self.model, self.encode(lines, first_line_no), opts or self.opts, self.device)
         out = []
         for nbest in hyps:
             texts = self.trg_tok.decode([h.tokens for h in nbest])

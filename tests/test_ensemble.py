@@ -80,7 +80,7 @@ def test_translate_and_evaluate_with_two_models(trained_run, second_run):
 
 
 def test_members_must_share_the_vocabulary(trained_run, tmp_path):
-    recipe = make_recipe(tmp_path, steps=5, extra=["tokenizer.vocab_size=21"])
+    recipe = make_recipe(tmp_path, steps=5, extra=["tokenizer.vocab_size=18"])
     train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
     with pytest.raises(CheckpointError, match="its vocabulary differs from"):
         load_ensemble([trained_run / "checkpoints" / "best.pt", tmp_path / "run" / "checkpoints" / "best.pt"])
