@@ -83,12 +83,13 @@ def _guard(fn):
     """Run fn, turning the toolkit's own errors into one-line messages."""
     from nmt.checkpoint import CheckpointError
     from nmt.data import DataError
+    from nmt.distributed import DistributedError
     from nmt.runs import RunError
     from nmt.train import TrainError
 
     try:
         return fn()
-    except (DataError, CheckpointError, RunError, TrainError) as e:
+    except (DataError, CheckpointError, RunError, TrainError, DistributedError) as e:
         fail(str(e))
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
@@ -129,7 +130,11 @@ def train(
     device: str = DeviceOpt,
     restart: bool = typer.Option(False, "--restart", help="start afresh; earlier checkpoints are moved to old-<time>/"),
 ):
-    """Train a model (preprocessing first if needed); resumes a run folder's last checkpoint."""
+    """Train a model (preprocessing first if needed); resumes a run folder's last checkpoint.
+
+    On several GPUs or machines, start it with torchrun (data-parallel, DDP):
+    torchrun --nproc-per-node N -m nmt train RECIPE
+    """
     from nmt.train import train as run
 
     r = _load(recipe_path, overrides)

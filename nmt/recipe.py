@@ -95,8 +95,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_tokens: int = _f(4096, "padded tokens per batch: sentences x longest side", min=1)
-    accum_steps: int = _f(1, "batches whose gradients are summed per update", min=1)
+    batch_tokens: int = _f(
+        4096, "padded tokens per batch (sentences x longest side), per process: an update trains on "
+        "batch_tokens x processes (torchrun) x accum_steps", min=1,
+    )
+    accum_steps: int = _f(1, "batches per process whose gradients are summed per update", min=1)
     optimizer: str = _f("adam", "optimizer", choices=["adam", "adamw"])
     lr: float = _f(0.0005, "peak learning rate", min=0.0, min_open=True)
     adam_betas: list = _f([0.9, 0.999], "Adam beta1, beta2")

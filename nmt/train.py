@@ -10,10 +10,15 @@ same data order and RNG state, so on CPU a resumed run ends bit-identical to an
 uninterrupted one. Checkpoints are written atomically (never half a file), one process
 at a time may train in a run folder (RunLock), and updates with a non-finite loss or
 gradient are skipped.
+
+Under torchrun the same loop runs in every process (`nmt.distributed`): DDP averages the
+gradients, each rank trains on its own shard of every epoch's batches, and rank 0 alone
+holds the lock, preprocesses, validates and writes checkpoints, metrics and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -29,6 +34,8 @@ from nmt.data.batching import collate, token_batches
 from nmt.data.corpus import EncodedCorpus
 from nmt.data.preprocess import is_fresh, preprocess
 from nmt.data.tokenizer import load_tokenizers
+from nmt.distributed import Dist, is_main_process
+from nmt.distributed import setup as setup_distributed
 from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
 from nmt.loss import smoothed_cross_entropy
 from nmt.model.build import build_model
@@ -42,7 +49,6 @@ from nmt.train_utils import (
     StopRequest,
     link_or_copy,
     make_optimizer,
-    pick_device,
     set_aside,
 )
 from nmt.translate import SearchOptions, Translator
@@ -58,13 +64,20 @@ class TrainState:
 
     step: int = 0  # updates done
     epoch: int = 0  # current epoch (0-based)
-    group_in_epoch: int = 0  # updates done inside the current epoch
+    batches_in_epoch: int = 0  # batches of this epoch's order trained on (all ranks together)
     best: list = field(default_factory=list)  # [[bleu, step], ...] best first
     bad_validations: int = 0  # validations since the best BLEU improved
     last_valid_step: int = -1
     skipped: int = 0  # updates skipped for a non-finite loss or gradient, in all
     nonfinite_in_a_row: int = 0
     saved_step: int = -1  # the update checkpoints/last.pt holds
+
+    def restore(self, progress: dict, accum_steps: int) -> None:
+        progress = dict(progress)
+        if "group_in_epoch" in progress:  # written by one process before batches_in_epoch
+            progress["batches_in_epoch"] = progress.pop("group_in_epoch") * accum_steps
+        for key, value in progress.items():
+            setattr(self, key, value)
 
 
 @dataclass
@@ -78,7 +91,8 @@ class TrainResult:
 
 
 def log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
+    if is_main_process():
+        tqdm.write(msg, file=sys.stderr)
 
 
 def train(
@@ -90,28 +104,38 @@ def train(
     data_dir: Path | None = None,
     evaluate_at_end: bool = True,
 ) -> TrainResult:
+    """Train one run; started by torchrun, this process is one rank of a DDP job."""
     run_dir = Path(run_dir)
+    world = setup_distributed(device)
     try:
-        lock = RunLock(run_dir)
-        with lock:
+        with contextlib.ExitStack() as held:
+            lock = RunLock(run_dir)
+            world.main_first(lambda: held.enter_context(lock))  # rank 0 holds it for the whole job
             if lock.taken_over:
                 log(f"{lock.path}: taking over the lock of a run that ended without releasing it ({lock.taken_over})")
-            return _train_locked(recipe, run_dir, device=device, restart=restart, data_dir=data_dir,
+            return _train_locked(recipe, run_dir, world, restart=restart, data_dir=data_dir,
                                  evaluate_at_end=evaluate_at_end)
     except RunLockedError as e:
         raise TrainError(str(e)) from None
+    finally:
+        world.close()
 
 
-def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, data_dir: Path | None,
+def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, data_dir: Path | None,
                   evaluate_at_end: bool) -> TrainResult:
     cfg = recipe.train
-    if restart:
-        aside = set_aside(run_dir)
-        if aside:
-            log(f"--restart: earlier checkpoints and logs moved to {aside}")
-    if not is_fresh(recipe, run_dir):
-        preprocess(recipe, run_dir, data_dir=data_dir)
-    dev = pick_device(device)
+
+    def prepare() -> None:  # rank 0 only, while the others wait
+        if restart:
+            aside = set_aside(run_dir)
+            if aside:
+                log(f"--restart: earlier checkpoints and logs moved to {aside}")
+        if not is_fresh(recipe, run_dir):
+            preprocess(recipe, run_dir, data_dir=data_dir)
+
+    world.main_first(prepare)
+    world.check_same(is_fresh(recipe, run_dir), "preprocessed data")
+    dev = world.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
@@ -131,16 +155,26 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
     schedule = LRSchedule(cfg)
     state = TrainState()
     ckpts = checkpoint_dir(run_dir)
-    _remove_partial_writes(ckpts)
-    resumed = _resume(ckpts, model, optimizer, schedule, state, dev)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if world.is_main:
+        _remove_partial_writes(ckpts)
+    # Rank 0 first (it moves a damaged last.pt aside), then the others load what it loaded.
+    resumed = world.main_first(lambda: _resume(ckpts, model, optimizer, schedule, state, dev), then_others=True)
+    world.check_same(state.step, "checkpoints (last.pt)")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     if resumed:
         log(f"resuming from {resumed} at update {state.step} (epoch {state.epoch + 1})")
-        metrics.truncate_after(state.step)  # the updates after it are replayed
-    atomic_write(run_dir / "recipe.yaml", lambda tmp: tmp.write_text(dump_recipe(recipe), encoding="utf-8"))
+        if world.is_main:
+            metrics.truncate_after(state.step)  # the updates after it are replayed
+    world.seed_rank(recipe.seed, state.step)
+    net = world.wrap(model)  # what the training step calls; `model` is what is saved and validated
+    if world.is_main:
+        atomic_write(run_dir / "recipe.yaml", lambda tmp: tmp.write_text(dump_recipe(recipe), encoding="utf-8"))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters; device {dev}; {'bf16 autocast' if use_bf16 else 'fp32'}; "
         f"{torch.get_num_threads()} threads; {len(train_set):,} training pairs")
+    log(f"batch: {cfg.batch_tokens:,} padded tokens x {world.world_size} rank(s) x {cfg.accum_steps} "
+        f"accumulation = {cfg.batch_tokens * world.world_size * cfg.accum_steps:,} padded tokens per update"
+        + (f" (DDP, {world.backend})" if world.enabled else ""))
 
     decode_opts = SearchOptions.from_recipe(recipe.decode, beam_size=cfg.valid_beam_size)
     # Inputs may be up to twice as long as the longest training sentence; longer ones are
@@ -171,7 +205,17 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
             }
         return out
 
-    def validate() -> dict:
+    def validate() -> None:
+        """Rank 0 validates and writes; every rank goes on with its decisions (best BLEU,
+        patience, plateau learning rate), so that all of them stop at the same update."""
+        if world.is_main:
+            validate_here()
+        if world.enabled:
+            progress, schedule_state = world.broadcast((vars(state), schedule.state_dict()))
+            state.restore(progress, cfg.accum_steps)
+            schedule.load_state_dict(schedule_state)
+
+    def validate_here() -> dict:
         """Loss, perplexity and BLEU on the validation split; keep the best checkpoints."""
         model.eval()
         start = time.perf_counter()
@@ -215,25 +259,30 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
     stop = StopRequest()
     interrupted = False
     batches_per_epoch = len(token_batches(train_set.src_lengths, train_set.trg_lengths,
-                                          batch_tokens=cfg.batch_tokens, seed=recipe.seed, epoch=0))
+                                          batch_tokens=cfg.batch_tokens, seed=recipe.seed, epoch=0,
+                                          rank=world.rank, world_size=world.world_size))
+    if not batches_per_epoch:
+        raise TrainError(f"{len(train_set):,} training pairs make fewer batches of train.batch_tokens "
+                         f"({cfg.batch_tokens:,}) than there are processes ({world.world_size})")
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
     total = min(x for x in (cfg.max_steps or math.inf, (cfg.max_epochs or math.inf) * updates_per_epoch))
     bar = tqdm(total=None if math.isinf(total) else int(total), initial=state.step, unit="upd",
-               file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None)
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None if world.is_main else True)
     window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
     with stop:
         while not finished() and not interrupted:
             batches = token_batches(train_set.src_lengths, train_set.trg_lengths, batch_tokens=cfg.batch_tokens,
-                                    seed=recipe.seed, epoch=state.epoch)
+                                    seed=recipe.seed, epoch=state.epoch, rank=world.rank,
+                                    world_size=world.world_size, skip=state.batches_in_epoch)
             groups = [batches[i : i + cfg.accum_steps] for i in range(0, len(batches), cfg.accum_steps)]
-            for group in groups[state.group_in_epoch :]:
+            for group in groups:
                 lr = schedule.apply(optimizer, state.step)
                 batches_in_group = [collate(train_set, idx) for idx in group]
-                loss, n_tok, n_src = train_step(model, optimizer, batches_in_group, cfg, dev, use_bf16)
-                state.group_in_epoch += 1
-                if not math.isfinite(loss):
+                loss, n_tok, n_src = train_step(net, optimizer, batches_in_group, cfg, dev, use_bf16, world)
+                state.batches_in_epoch += len(group) * world.world_size
+                if not math.isfinite(loss):  # on every rank alike: train_step agrees on it
                     _skip_nonfinite(state, cfg, ckpts)
-                    if stop.requested:
+                    if world.any(stop.requested):
                         interrupted = True
                         break
                     continue
@@ -244,31 +293,34 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
                 window["src_tokens"] += n_src
                 if state.step % cfg.log_every == 0:
                     elapsed = time.perf_counter() - window["time"]
-                    avg = window["loss"] / max(window["tokens"], 1)
-                    tps = window["tokens"] / max(elapsed, 1e-9)
-                    metrics.write(kind="train", step=state.step, epoch=state.epoch + 1, loss=avg, lr=lr,
-                                  trg_tokens_per_s=tps, src_tokens_per_s=window["src_tokens"] / max(elapsed, 1e-9))
+                    loss_sum, tokens, src_tokens = world.sum(window["loss"], window["tokens"], window["src_tokens"])
+                    avg = loss_sum / max(tokens, 1)
+                    tps = tokens / max(elapsed, 1e-9)
+                    if world.is_main:
+                        metrics.write(kind="train", step=state.step, epoch=state.epoch + 1, loss=avg, lr=lr,
+                                      trg_tokens_per_s=tps, src_tokens_per_s=src_tokens / max(elapsed, 1e-9))
                     bar.set_postfix_str(f"ep {state.epoch + 1} loss {avg:.3f} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
                     window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
                 bar.update(1)
                 if state.step % cfg.valid_every == 0:
                     validate()
-                elif cfg.save_every and state.step % cfg.save_every == 0:
+                elif cfg.save_every and state.step % cfg.save_every == 0 and world.is_main:
                     _save_last(ckpts, state, lambda: payload(True, {}))
-                if stop.requested:
+                if world.any(stop.requested):  # every rank stops after the same update
                     interrupted = True
                     break
                 if finished():
                     break
             else:
                 state.epoch += 1
-                state.group_in_epoch = 0
+                state.batches_in_epoch = 0
                 if state.last_valid_step != state.step:
                     validate()
     bar.close()
-    if interrupted:
+    if interrupted and world.is_main:
         _save_last(ckpts, state, lambda: payload(True, {}))
-        log(f"stopped by {stop.signal_name} at update {state.step}; checkpoint saved to {ckpts / 'last.pt'}; "
+        log(f"stopped by {stop.signal_name or 'a signal to another rank'} at update {state.step}; "
+            f"checkpoint saved to {ckpts / 'last.pt'}; "
             "run the same command again to resume")
     elif state.last_valid_step != state.step:
         validate()
@@ -276,11 +328,11 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
     if stopped_early:
         log(f"early stopping: no BLEU improvement in {cfg.patience} validations")
 
-    if cfg.average_best and not interrupted and len(state.best) >= 2:
+    if cfg.average_best and not interrupted and len(state.best) >= 2 and world.is_main:
         _average_best(ckpts, state, cfg.average_best, model, lambda: bleu_score(
             valid_translator.translate_lines(valid_src), valid_ref), metrics)
     best_path = ckpts / "best.pt"
-    if evaluate_at_end and not interrupted and best_path.is_file():
+    if evaluate_at_end and not interrupted and world.is_main and best_path.is_file():
         _evaluate_best(best_path, run_dir, dev)
     return TrainResult(run_dir=run_dir, steps=state.step,
                        best_bleu=state.best[0][0] if state.best else None,
@@ -288,31 +340,38 @@ def _train_locked(recipe: Recipe, run_dir: Path, *, device: str, restart: bool, 
                        stopped_early=stopped_early, interrupted=interrupted)
 
 
-def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool) -> tuple[float, int, int]:
+def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool,
+               world: Dist = Dist()) -> tuple[float, int, int]:
     """One optimizer update over a group of collated batches (gradient accumulation).
 
-    The loss is summed over target tokens and divided by the group's token count, so an
-    update is the same whether the group is one batch or several.
-    Returns the mean per-token loss, target tokens and source tokens of the group. When
-    the loss or the gradient is NaN or infinite the parameters are left untouched and the
-    loss returned is NaN.
+    The loss is summed over target tokens and divided by the update's token count (all
+    ranks together), so an update is the same whether the group is one batch or several,
+    on one process or on several: DDP averages the ranks' gradients, and the factor
+    world_size makes that average the gradient of the loss summed over every rank's
+    tokens, as one process computes it on the union of the batches.
+    Returns the mean per-token loss, target tokens and source tokens of this rank's group.
+    When the loss (on any rank) or the gradient is NaN or infinite the parameters are left
+    untouched and the loss returned is NaN.
     """
     n_tok = sum(int((b["trg_out"] != 0).sum()) for b in batches)
     n_src = sum(int(b["src_lengths"].sum()) for b in batches)
+    n_tok_all = world.sum(n_tok)[0]
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for b in batches:
+    for i, b in enumerate(batches):
         b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+        # DDP decides at the forward whether this backward all-reduces: only the last batch's does.
+        with (world.no_sync(model, skip=i + 1 < len(batches)),
+              torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)):
             logits = model(b["src"], b["src_lengths"], b["trg_in"])
         loss = smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten(), smoothing=cfg.label_smoothing)
-        (loss / n_tok).backward()
+        (loss / n_tok_all * world.world_size).backward()
         total += loss.item()
     if cfg.clip_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if not (math.isfinite(total) and math.isfinite(norm.item())):
+    if world.any(not (math.isfinite(total) and math.isfinite(norm.item()))):
         optimizer.zero_grad(set_to_none=True)
         return math.nan, n_tok, n_src
     optimizer.step()
@@ -420,8 +479,7 @@ def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> 
     ts = payload["train_state"]
     optimizer.load_state_dict(ts["optimizer"])
     schedule.load_state_dict(ts["schedule"])
-    for key, value in ts["progress"].items():
-        setattr(state, key, value)
+    state.restore(ts["progress"], accum_steps=schedule.cfg.accum_steps)
     torch.set_rng_state(ts["torch_rng"].cpu())
     if ts["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ts["cuda_rng"]])

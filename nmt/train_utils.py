@@ -127,8 +127,11 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         import sys
 
-        print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr)
+        from nmt.distributed import is_main_process
+
+        if is_main_process():  # under torchrun every rank gets the signal; one message
+            print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

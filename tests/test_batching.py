@@ -66,3 +66,22 @@ def test_pad_and_collate():
     assert b["trg_in"].tolist() == [[BOS_ID, 9, 9], [BOS_ID, 9, PAD_ID]]
     assert b["trg_out"].tolist() == [[9, 9, EOS_ID], [9, EOS_ID, PAD_ID]]
     assert b["src"].dtype == torch.long
+
+
+@pytest.mark.parametrize("world_size,accum", [(1, 1), (2, 2), (3, 1)])
+def test_an_update_takes_the_next_world_x_accum_batches(lengths, world_size, accum):
+    """Whatever the world size and accumulation, update u trains on batches
+    skip + u*W*A ... of the epoch's single order: a run resumed on another number of
+    processes goes on where the last one stopped, nothing repeated or skipped."""
+    src, trg = lengths
+    full = token_batches(src, trg, batch_tokens=300, seed=1, epoch=2)
+    skip = 5  # e.g. 5 updates done on 1 process before the resume
+    shards = [token_batches(src, trg, batch_tokens=300, seed=1, epoch=2, rank=r, world_size=world_size, skip=skip)
+              for r in range(world_size)]
+    updates = len(shards[0]) // accum
+    assert updates > 3 and all(len(s) == len(shards[0]) for s in shards)
+    for u in range(updates):
+        taken = sorted(np.concatenate([s[i] for s in shards for i in range(u * accum, (u + 1) * accum)]).tolist())
+        start = skip + u * world_size * accum
+        expected = sorted(np.concatenate(full[start : start + world_size * accum]).tolist())
+        assert taken == expected

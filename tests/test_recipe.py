@@ -21,7 +21,7 @@ def test_every_shipped_recipe_loads(path):
 
 def test_shipped_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"multi30k.yaml", "multi30k-en-de.yaml", "multi30k-tiny.yaml"} <= names
+    assert {"multi30k.yaml", "multi30k-en-de.yaml", "multi30k-tiny.yaml", "wmt14-en-de.yaml"} <= names
 
 
 def write(tmp_path, text: str) -> Path:

@@ -28,13 +28,17 @@ def token_batches(
     shuffle: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    skip: int = 0,
 ) -> list[np.ndarray]:
     """Split a corpus into batches of at most `batch_tokens` padded tokens.
 
     Sentences are sorted by (target length, source length) with random tie-breaking, so
     neighbours have nearly equal lengths and padding is small; batches are cut greedily
-    and then shuffled. With `world_size` > 1, rank r takes batches r, r + world_size, ...
-    of the same order (the tail that does not divide evenly is dropped).
+    and then shuffled. `skip` drops the first batches of that order (those a resumed run
+    has trained on). With `world_size` > 1, rank r then takes batches r, r + world_size,
+    ... of what is left (the tail that does not divide evenly is dropped), so every rank
+    gets the same number of batches and one update of W ranks with accumulation A
+    consumes the next W x A batches of the order, whatever W and A are.
 
     Args:
         src_lengths: [N] source lengths in pieces (without eos)
@@ -61,6 +65,7 @@ def token_batches(
 
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
+    batches = batches[skip:]
     if world_size > 1:
         usable = len(batches) - len(batches) % world_size
         batches = batches[rank:usable:world_size]
