@@ -8,6 +8,7 @@ from toy import make_recipe
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 import benchmark  # noqa: E402
+import tune_decoding  # noqa: E402,F401
 
 
 def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_run, capsys, monkeypatch):
@@ -38,3 +39,14 @@ def test_flops_count_grows_with_the_vocabulary():
     per_token = lambda shapes: benchmark.flops_per_target_token(shapes, 10.0)  # noqa: E731
     # The output layer adds 3 x 2 x out_dim x vocabulary FLOPs per target token.
     assert abs(per_token(large) - per_token(small) - 3 * 2 * 256 * 7000) < 1
+
+
+def test_tune_decoding_grid_on_the_validation_split(trained_run, tmp_path, capsys):
+    import tune_decoding
+
+    rows = tune_decoding.main(["--model", str(trained_run), "--beam", "1,2", "--length-penalty", "0,1",
+                               "--json", str(tmp_path / "rows.json")])
+    assert sorted((r["beam_size"], r["length_penalty"]) for r in rows) == [(1, None), (2, 0.0), (2, 1.0)]
+    assert rows == sorted(rows, key=lambda r: -r["bleu"]) and rows[0]["bleu"] > 50
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert "BLEU" in capsys.readouterr().out
