@@ -12,7 +12,6 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from nmt.checkpoint import atomic_write
-from nmt.runs import metrics_path
 
 EOS_PIECE = "</s>"
 _CELL_INCHES = 0.22  # one source or target piece: room for an 8-point label

@@ -5,7 +5,8 @@
     log / validate / keep the best checkpoints -> evaluate the best on the test splits.
 
 Faults: a run killed at any moment (Ctrl-C and SIGTERM save first; SIGKILL does not)
-resumes from checkpoints/last.pt, or from prev.pt when last.pt is unreadable, with the
+resumes from checkpoints/last.pt, or from prev.pt when last.pt is unreadable (see
+`nmt.run_checkpoints`), with the
 same data order and RNG state, so on CPU a resumed run ends bit-identical to an
 uninterrupted one. Checkpoints are written atomically (never half a file), one process
 at a time may train in a run folder (RunLock), and updates with a non-finite loss or
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,33 +29,31 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nmt.checkpoint import CheckpointError, LoadedModel, atomic_write, load_checkpoint, save_checkpoint
+from nmt.checkpoint import LoadedModel, atomic_write
 from nmt.data.batching import collate, token_batches
 from nmt.data.corpus import EncodedCorpus
 from nmt.data.preprocess import is_fresh, preprocess
 from nmt.data.tokenizer import load_tokenizers
-from nmt.distributed import Dist, is_main_process
+from nmt.distributed import Dist
 from nmt.distributed import setup as setup_distributed
 from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
 from nmt.loss import smoothed_cross_entropy
 from nmt.model.build import build_model
 from nmt.recipe import Recipe, dump_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
+from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
 from nmt.train_utils import (
+    TrainError,
+    log,
     LRSchedule,
     MetricsLog,
     RunLock,
     RunLockedError,
     StopRequest,
-    link_or_copy,
     make_optimizer,
     set_aside,
 )
 from nmt.translate import SearchOptions, Translator
-
-
-class TrainError(Exception):
-    """Training cannot start or go on; the message says why."""
 
 
 @dataclass
@@ -88,11 +86,6 @@ class TrainResult:
     best_checkpoint: Path | None
     stopped_early: bool
     interrupted: bool
-
-
-def log(msg: str) -> None:
-    if is_main_process():
-        tqdm.write(msg, file=sys.stderr)
 
 
 def train(
@@ -156,9 +149,9 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     state = TrainState()
     ckpts = checkpoint_dir(run_dir)
     if world.is_main:
-        _remove_partial_writes(ckpts)
+        remove_partial_writes(ckpts)
     # Rank 0 first (it moves a damaged last.pt aside), then the others load what it loaded.
-    resumed = world.main_first(lambda: _resume(ckpts, model, optimizer, schedule, state, dev), then_others=True)
+    resumed = world.main_first(lambda: resume(ckpts, model, optimizer, schedule, state, dev), then_others=True)
     world.check_same(state.step, "checkpoints (last.pt)")
     metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     if resumed:
@@ -238,12 +231,12 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
         improved = not state.best or bleu > state.best[0][0]
         state.bad_validations = 0 if improved else state.bad_validations + 1
         schedule.on_validation(bleu, optimizer)
-        _keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: _save(path, payload(False, scores)))
+        keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: save(path, payload(False, scores)))
         # The log first: if killed before last.pt is written, the resumed run drops this
         # record and writes it again, so each step is logged once.
         metrics.write(kind="valid", step=state.step, epoch=state.epoch + 1, **scores,
                       best_bleu=state.best[0][0], lr=schedule.lr)
-        _save_last(ckpts, state, lambda: payload(True, scores))
+        save_last(ckpts, state, lambda: payload(True, scores))
         log(f"valid | update {state.step} | loss {loss:.3f} | ppl {scores['valid_ppl']:.2f} | "
             f"BLEU {bleu:.2f} | best {state.best[0][0]:.2f} (update {state.best[0][1]}) | "
             f"{scores['valid_seconds']:.1f}s" + ("" if improved else f" | no improvement x{state.bad_validations}"))
@@ -305,7 +298,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                 if state.step % cfg.valid_every == 0:
                     validate()
                 elif cfg.save_every and state.step % cfg.save_every == 0 and world.is_main:
-                    _save_last(ckpts, state, lambda: payload(True, {}))
+                    save_last(ckpts, state, lambda: payload(True, {}))
                 if world.any(stop.requested):  # every rank stops after the same update
                     interrupted = True
                     break
@@ -318,7 +311,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                     validate()
     bar.close()
     if interrupted and world.is_main:
-        _save_last(ckpts, state, lambda: payload(True, {}))
+        save_last(ckpts, state, lambda: payload(True, {}))
         log(f"stopped by {stop.signal_name or 'a signal to another rank'} at update {state.step}; "
             f"checkpoint saved to {ckpts / 'last.pt'}; "
             "run the same command again to resume")
@@ -329,7 +322,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
         log(f"early stopping: no BLEU improvement in {cfg.patience} validations")
 
     if cfg.average_best and not interrupted and len(state.best) >= 2 and world.is_main:
-        _average_best(ckpts, state, cfg.average_best, model, lambda: bleu_score(
+        average_best(ckpts, state, cfg.average_best, model, lambda: bleu_score(
             valid_translator.translate_lines(valid_src), valid_ref), metrics)
     best_path = ckpts / "best.pt"
     if evaluate_at_end and not interrupted and world.is_main and best_path.is_file():
@@ -390,100 +383,6 @@ def _skip_nonfinite(state: TrainState, cfg, ckpts: Path) -> None:
         raise TrainError(f"stopped: {state.nonfinite_in_a_row} updates in a row had a NaN or infinite loss or "
                          f"gradient (train.max_nonfinite); {kept}. Try a lower train.lr, train.clip_norm, "
                          "or train.precision fp32")
-
-
-def _save(path: Path, payload: dict) -> None:
-    """save_checkpoint with a message that says what a failed write leaves behind."""
-    try:
-        save_checkpoint(path, payload)
-    except OSError as e:
-        raise TrainError(f"cannot write {path}: {e.strerror or e}; the checkpoints written before are intact") from None
-
-
-def _save_last(ckpts: Path, state: TrainState, payload) -> None:
-    """Write last.pt; the one it replaces stays as prev.pt (unless it holds this same
-    update), a fallback should last.pt be damaged later."""
-    last = ckpts / "last.pt"
-    if last.exists() and state.saved_step != state.step:
-        link_or_copy(last, ckpts / "prev.pt")
-    state.saved_step = state.step
-    _save(last, payload())
-
-
-def _average_best(ckpts: Path, state: TrainState, n: int, model, valid_bleu, metrics: MetricsLog) -> None:
-    """Average the n best checkpoints into average.pt and validate it; best.pt becomes
-    the average when its BLEU beats the best single checkpoint's."""
-    from nmt.average import average_payloads
-
-    chosen = [step for _, step in state.best[:n]]
-    files = [ckpts / f"step-{step}.pt" for step in chosen]
-    averaged = average_payloads([load_checkpoint(p) for p in files], [p.name for p in files])
-    model.load_state_dict(averaged["model"])  # training is over: decode with the average
-    model.eval()
-    bleu = valid_bleu()
-    averaged["metrics"] = {"valid_bleu": bleu}
-    _save(ckpts / "average.pt", averaged)
-    metrics.write(kind="average", step=state.step, valid_bleu=bleu, averaged_steps=chosen)
-    single = state.best[0][0]
-    if bleu > single:
-        link_or_copy(ckpts / "average.pt", ckpts / "best.pt")
-    log(f"average of the {len(chosen)} best checkpoints (updates {', '.join(map(str, chosen))}): validation BLEU "
-        f"{bleu:.2f} against {single:.2f} for the best single one; best.pt is "
-        + ("the average" if bleu > single else f"step-{state.best[0][1]}.pt"))
-
-
-def _remove_partial_writes(ckpts: Path) -> None:
-    """Delete the temporary files of writes that a killed run left unfinished."""
-    if ckpts.is_dir():
-        for tmp in ckpts.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            log(f"removed {tmp.name}, an unfinished write of a run that was killed")
-
-
-def _keep_best(ckpts: Path, state: TrainState, bleu: float, keep: int, save) -> None:
-    """Save this step if it is among the `keep` best by BLEU; drop the one it displaces."""
-    ranked = sorted(state.best + [[bleu, state.step]], key=lambda x: (-x[0], x[1]))
-    kept, dropped = ranked[:keep], ranked[keep:]
-    if [bleu, state.step] in kept:
-        save(ckpts / f"step-{state.step}.pt")
-    for _, step in dropped:
-        (ckpts / f"step-{step}.pt").unlink(missing_ok=True)
-    state.best = kept
-    link_or_copy(ckpts / f"step-{kept[0][1]}.pt", ckpts / "best.pt")
-
-
-def _resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> Path | None:
-    """Restore model, optimizer, schedule, progress and RNG state from last.pt, or from
-    prev.pt when last.pt is unreadable (a damaged file is renamed *.corrupt)."""
-    candidates = [p for p in (ckpts / "last.pt", ckpts / "prev.pt") if p.exists()]
-    if not candidates:
-        return None
-    problems = []
-    for last in candidates:
-        try:
-            payload = load_checkpoint(last, map_location=dev)
-            break
-        except CheckpointError as e:
-            problems.append(str(e))
-            aside = last.with_name(last.name + ".corrupt")
-            os.replace(last, aside)
-            log(f"warning: {e}; moved it to {aside.name}")
-    else:
-        raise TrainError(f"no usable checkpoint to resume from ({'; '.join(problems)}); use --restart")
-    if problems:
-        log(f"falling back to {last} (update {payload['step']})")
-    if payload["model_config"] != model.config or "train_state" not in payload:
-        raise TrainError(f"{last} holds a different model than the recipe describes; "
-                         "use --restart (or another --run-dir) to train this one")
-    model.load_state_dict(payload["model"])
-    ts = payload["train_state"]
-    optimizer.load_state_dict(ts["optimizer"])
-    schedule.load_state_dict(ts["schedule"])
-    state.restore(ts["progress"], accum_steps=schedule.cfg.accum_steps)
-    torch.set_rng_state(ts["torch_rng"].cpu())
-    if ts["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ts["cuda_rng"]])
-    return last
 
 
 def _evaluate_best(best_path: Path, run_dir: Path, dev) -> None:

@@ -5,10 +5,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from nmt.distributed import is_main_process
+
+
+class TrainError(Exception):
+    """Training cannot start or go on; the message says why."""
+
+
+def log(msg: str) -> None:
+    """A line on stderr above the progress bar (from rank 0 only, under torchrun)."""
+    if is_main_process():
+        tqdm.write(msg, file=sys.stderr)
 
 
 def pick_device(name: str) -> torch.device:
