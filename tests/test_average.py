@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from nmt.average import average_checkpoints
-from nmt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from nmt.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nmt.cli import app
 from nmt.recipe import RecipeError
 from nmt.train import train

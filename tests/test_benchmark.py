@@ -8,7 +8,7 @@ from toy import make_recipe
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 import benchmark  # noqa: E402
-import tune_decoding  # noqa: E402,F401
+
 
 
 def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_run, capsys, monkeypatch):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nmt.checkpoint import load_checkpoint, load_model
-from nmt.recipe import load_recipe
 from nmt.train import TrainError, train
 from nmt.translate import SearchOptions, Translator
 
