@@ -170,8 +170,9 @@ def _test_scores(path: Path | None) -> list:
     """Test scores that `nmt evaluate` wrote for this model's run, if any."""
     if path is None:
         return []
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    report = run_dir / "eval" / "report.json"
+    from nmt.runs import run_dir_of
+
+    report = run_dir_of(path) / "eval" / "report.json"
     try:
         rows = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError):
