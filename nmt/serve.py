@@ -60,7 +60,7 @@ class ServeLimits:
     @property
     def max_body_bytes(self) -> int:
         """The largest request body that can hold max_sentences of max_chars: 12 bytes per
-        character covers JSON's \\uXXXX escapes of surrogate pairs, plus room for options."""
+        character covers JSON's \\u escapes of surrogate pairs, plus room for options."""
         return 16384 + self.max_sentences * (12 * self.max_chars + 8)
 
 

@@ -5,10 +5,9 @@
     log / validate / keep the best checkpoints -> evaluate the best on the test splits.
 
 Faults: a run killed at any moment (Ctrl-C and SIGTERM save first; SIGKILL does not)
-resumes from checkpoints/last.pt, or from prev.pt when last.pt is unreadable (see
-`nmt.run_checkpoints`), with the
-same data order and RNG state, so on CPU a resumed run ends bit-identical to an
-uninterrupted one. Checkpoints are written atomically (never half a file), one process
+resumes from checkpoints/last.pt, or from prev.pt when last.pt is unreadable
+(`nmt.run_checkpoints`), with the same data order and RNG state: on CPU a resumed run
+ends bit-identical to an uninterrupted one. Checkpoints are written atomically (never half a file), one process
 at a time may train in a run folder (RunLock), and updates with a non-finite loss or
 gradient are skipped.
 
