@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nmt.checkpoint import atomic_write
 from nmt.distributed import is_main_process
 
 
@@ -110,8 +111,6 @@ class MetricsLog:
                 continue
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        from nmt.checkpoint import atomic_write
-
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
     def write(self, *, kind: str, step: int, **values) -> None:
@@ -139,10 +138,6 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        import sys
-
-        from nmt.distributed import is_main_process
-
         if is_main_process():  # under torchrun every rank gets the signal; one message
             print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint "
                   "(Ctrl-C again to stop at once)", file=sys.stderr)
