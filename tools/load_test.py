@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from nmt.checkpoint import load_model
-from nmt.runs import data_dir_of, resolve_model, test_splits_of
+from nmt.runs import data_dir_of, resolve_model, run_dir_of, test_splits_of
 from nmt.translate import SearchOptions, Translator, translate_stream
 
 LOOPBACK = ("127.", "localhost", "::1", "[::1]")
@@ -168,9 +168,7 @@ def batch_baseline(model: str, sentences: list[str], *, beam_size: int | None, b
 
 
 def default_input(model: str) -> Path:
-    run_dir = Path(model)
-    if run_dir.is_file():
-        run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+    run_dir = run_dir_of(Path(model))
     splits = test_splits_of(run_dir)
     if not splits:
         raise SystemExit(f"error: no test split in {data_dir_of(run_dir)}; pass --input FILE")

@@ -88,7 +88,37 @@ class ExactGRUCell(nn.Module):
         return self.step(self.project_input(x), h)
 
 
-class FusedGRUCell(nn.Module):
+class TorchLayoutCell(nn.Module):
+    """Parameters in PyTorch's recurrent layout, for ``gates`` gates: ``weight_ih``
+    ``[gates * hidden, input]``, ``weight_hh`` ``[gates * hidden, hidden]``, ``bias_ih``
+    and ``bias_hh``, initialised U(-1/sqrt(hidden), 1/sqrt(hidden)) as ``torch.nn``
+    does; the base of :class:`FusedGRUCell` and :class:`nmt.model.lstm.LSTMCell`."""
+
+    gates = 0  # set by the subclass
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(self.gates * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(self.gates * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.zeros(self.gates * hidden_size))
+        self.bias_hh = nn.Parameter(torch.zeros(self.gates * hidden_size))
+        bound = hidden_size**-0.5
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+
+    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
+        """Input half of the gates, ``W_i x + b_i``; same contract as
+        :meth:`ExactGRUCell.project_input` (in the subclass's gate order).
+
+        :return: ``[..., gates * hidden]``
+        """
+        weight = self.weight_ih[:, offset : offset + x.size(-1)]
+        return F.linear(x, weight, self.bias_ih if bias else None)
+
+
+class FusedGRUCell(TorchLayoutCell):
     """The GRU of ``torch.nn.GRUCell`` (and cuDNN), with the same parameter layout
     (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``; gate order r, z, n)::
 
@@ -101,23 +131,7 @@ class FusedGRUCell(nn.Module):
     the two parametrisations are equivalent up to z -> 1 - z.
     """
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
-        self.bias_ih = nn.Parameter(torch.zeros(3 * hidden_size))
-        self.bias_hh = nn.Parameter(torch.zeros(3 * hidden_size))
-        bound = hidden_size**-0.5
-        nn.init.uniform_(self.weight_ih, -bound, bound)
-        nn.init.uniform_(self.weight_hh, -bound, bound)
-
-    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
-        """Input half of the gates, ``W_i x + b_i``; same contract as
-        :meth:`ExactGRUCell.project_input` (gate order r, z, n)."""
-        weight = self.weight_ih[:, offset : offset + x.size(-1)]
-        return F.linear(x, weight, self.bias_ih if bias else None)
+    gates = 3  # r, z, n
 
     def step(self, gates_x: Tensor, h: Tensor) -> Tensor:
         """One ``nn.GRUCell`` step.

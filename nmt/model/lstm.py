@@ -8,12 +8,14 @@ which the next layer and the attention read, and the memory ``c``.
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from nmt.model.gru import TorchLayoutCell
 
 LSTMState = tuple[Tensor, Tensor]
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(TorchLayoutCell):
     """The cell of ``torch.nn.LSTMCell`` (and cuDNN), with the same parameter layout
     (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``; gate order i, f, g, o)::
 
@@ -25,26 +27,7 @@ class LSTMCell(nn.Module):
         h_t = o_t * tanh(c_t)
     """
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
-        self.bias_ih = nn.Parameter(torch.zeros(4 * hidden_size))
-        self.bias_hh = nn.Parameter(torch.zeros(4 * hidden_size))
-        bound = hidden_size**-0.5
-        nn.init.uniform_(self.weight_ih, -bound, bound)
-        nn.init.uniform_(self.weight_hh, -bound, bound)
-
-    def project_input(self, x: Tensor, offset: int = 0, bias: bool = True) -> Tensor:
-        """Input half of the gates, ``W_i x + b_i``; same contract as
-        :meth:`nmt.model.gru.ExactGRUCell.project_input` (gate order i, f, g, o).
-
-        :return: ``[..., 4 * hidden]``
-        """
-        weight = self.weight_ih[:, offset : offset + x.size(-1)]
-        return F.linear(x, weight, self.bias_ih if bias else None)
+    gates = 4  # i, f, g, o
 
     def step(self, gates_x: Tensor, state: LSTMState) -> LSTMState:
         """One ``nn.LSTMCell`` step.
