@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nmt.data.batching import BOS_ID, EOS_ID, PAD_ID, batch_cost, collate, pad, token_batches
+from nmt.data.corpus import EncodedCorpus
 
 
 @pytest.fixture
@@ -53,19 +54,42 @@ def test_pad_and_collate():
     assert ids.tolist() == [[BOS_ID, 5, 6, EOS_ID], [BOS_ID, 7, EOS_ID, PAD_ID]]
     assert lengths.tolist() == [4, 3]
 
-    class Corpus:
-        def src(self, i):
-            return np.array([4] * (i + 1))
-
-        def trg(self, i):
-            return np.array([9] * (2 - i))
-
-    b = collate(Corpus(), np.array([0, 1]))
+    src = [np.array([4]), np.array([4, 4])]
+    trg = [np.array([9, 9]), np.array([9])]
+    corpus = _corpus(src, trg)
+    b = collate(corpus, np.array([0, 1]))
     assert b["src"].tolist() == [[4, EOS_ID, PAD_ID], [4, 4, EOS_ID]]
     assert b["src_lengths"].tolist() == [2, 3]
     assert b["trg_in"].tolist() == [[BOS_ID, 9, 9], [BOS_ID, 9, PAD_ID]]
     assert b["trg_out"].tolist() == [[9, 9, EOS_ID], [9, EOS_ID, PAD_ID]]
     assert b["src"].dtype == torch.long
+
+
+def _corpus(src: list[np.ndarray], trg: list[np.ndarray]) -> EncodedCorpus:
+    def side(seqs):
+        offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+        return np.concatenate(seqs + [np.zeros(0)]).astype(np.uint16), offsets
+    (src_ids, src_off), (trg_ids, trg_off) = side(src), side(trg)
+    return EncodedCorpus("train", {"src": src_ids, "trg": trg_ids}, {"src": src_off, "trg": trg_off})
+
+
+def test_collate_equals_padding_each_sentence():
+    """The vectorised collate gives what padding sentence by sentence gives, for any
+    mix of lengths (empty sentences too) and any order of indices, repeats included."""
+    rng = np.random.default_rng(0)
+    src = [rng.integers(4, 500, size=rng.integers(0, 30)) for _ in range(200)]
+    trg = [rng.integers(4, 500, size=rng.integers(0, 30)) for _ in range(200)]
+    corpus = _corpus(src, trg)
+    for _ in range(20):
+        indices = rng.integers(-200, 200, size=rng.integers(1, 50))
+        b = collate(corpus, indices)
+        chosen = [int(i) % 200 for i in indices]
+        expect_src, expect_len = pad([src[i] for i in chosen], suffix=EOS_ID)
+        assert torch.equal(b["src"], expect_src) and torch.equal(b["src_lengths"], expect_len)
+        assert torch.equal(b["trg_in"], pad([trg[i] for i in chosen], prefix=BOS_ID)[0])
+        assert torch.equal(b["trg_out"], pad([trg[i] for i in chosen], suffix=EOS_ID)[0])
+    with pytest.raises(IndexError, match="sentence 200 out of range"):
+        collate(corpus, np.array([3, 200]))
 
 
 @pytest.mark.parametrize("world_size,accum", [(1, 1), (2, 2), (3, 1)])

@@ -95,15 +95,22 @@ def pad(seqs: list[np.ndarray], *, prefix: int | None = None, suffix: int | None
 
 
 def collate(corpus, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """Tensors for one training batch.
+    """Tensors for one training batch, built with whole-batch numpy operations (a loop over
+    sentences cost 12 ms a batch, a third of a GPU update).
 
     Returns:
         src: [B, S] source ids + eos, padded; src_lengths: [B]
         trg_in: [B, T] bos + target ids (decoder inputs)
         trg_out: [B, T] target ids + eos (what the decoder must predict)
     """
-    src, src_lengths = pad([corpus.src(int(i)) for i in indices], suffix=EOS_ID)
-    trg = [corpus.trg(int(i)) for i in indices]
-    trg_in, _ = pad(trg, prefix=BOS_ID)
-    trg_out, _ = pad(trg, suffix=EOS_ID)
+    src_ids, src_len = corpus.padded("src", indices, PAD_ID)
+    trg_ids, trg_len = corpus.padded("trg", indices, PAD_ID)
+    rows = np.arange(len(src_len))
+    src = np.pad(src_ids, ((0, 0), (0, 1)), constant_values=PAD_ID)
+    src[rows, src_len] = EOS_ID
+    trg_in = np.pad(trg_ids, ((0, 0), (1, 0)), constant_values=BOS_ID)
+    trg_out = np.pad(trg_ids, ((0, 0), (0, 1)), constant_values=PAD_ID)
+    trg_out[rows, trg_len] = EOS_ID
+    src, trg_in, trg_out = (torch.from_numpy(a) for a in (src, trg_in, trg_out))
+    src_lengths = torch.from_numpy(src_len + 1)
     return {"src": src, "src_lengths": src_lengths, "trg_in": trg_in, "trg_out": trg_out}

@@ -93,6 +93,28 @@ class EncodedCorpus:
         offsets = self._offsets[side]
         return np.asarray(self._ids[side][offsets[i] : offsets[i + 1]], dtype=np.int64)
 
+    def padded(self, side: str, indices: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sentences ``indices`` of one side as one right-padded matrix, in a few numpy ops.
+
+        Returns:
+            ids: [B, L] int64, ``pad_id`` after each sentence's end (L: the longest)
+            lengths: [B] int64 piece counts
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if len(indices) and not (-n <= indices.min() and indices.max() < n):
+            bad = indices[(indices < -n) | (indices >= n)][0]
+            raise IndexError(f"{self.split}: sentence {bad} out of range ({n} pairs)")
+        indices = indices % max(n, 1)
+        offsets = self._offsets[side]
+        starts = offsets[indices].astype(np.int64)
+        lengths = offsets[indices + 1].astype(np.int64) - starts
+        columns = np.arange(int(lengths.max()) if len(indices) else 0)
+        real = columns < lengths[:, None]  # B x L
+        positions = np.where(real, starts[:, None] + columns, 0)
+        ids = np.where(real, self._ids[side][positions], pad_id)
+        return ids.astype(np.int64), lengths
+
     def src(self, i: int) -> np.ndarray:
         return self._sentence("src", i)
 
