@@ -43,6 +43,8 @@ from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
 from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
 from nmt.train_utils import (
     TrainError,
+    precision_name,
+    use_bf16,
     log,
     LRSchedule,
     MetricsLog,
@@ -130,7 +132,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     dev = world.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+    bf16 = use_bf16(cfg.precision, dev)
 
     # Data: encoded corpora (memory-mapped) and the raw validation text for BLEU.
     data = data_dir_of(run_dir)
@@ -162,7 +164,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     if world.is_main:
         atomic_write(run_dir / "recipe.yaml", lambda tmp: tmp.write_text(dump_recipe(recipe), encoding="utf-8"))
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters; device {dev}; {'bf16 autocast' if use_bf16 else 'fp32'}; "
+    log(f"model: {n_params:,} parameters; device {dev}; {precision_name(bf16, dev)}; "
         f"{torch.get_num_threads()} threads; {len(train_set):,} training pairs")
     log(f"batch: {cfg.batch_tokens:,} padded tokens x {world.world_size} rank(s) x {cfg.accum_steps} "
         f"accumulation = {cfg.batch_tokens * world.world_size * cfg.accum_steps:,} padded tokens per update"
@@ -216,7 +218,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             for idx in token_batches(valid_set.src_lengths, valid_set.trg_lengths, batch_tokens=cfg.batch_tokens,
                                      seed=0, epoch=0, shuffle=False):
                 b = {k: v.to(dev) for k, v in collate(valid_set, idx).items()}
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(b["src"], b["src_lengths"], b["trg_in"])
                 loss_sum += smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten()).item()
                 n_tok += int((b["trg_out"] != 0).sum())
@@ -270,7 +272,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             for group in groups:
                 lr = schedule.apply(optimizer, state.step)
                 batches_in_group = [collate(train_set, idx) for idx in group]
-                loss, n_tok, n_src = train_step(net, optimizer, batches_in_group, cfg, dev, use_bf16, world)
+                loss, n_tok, n_src = train_step(net, optimizer, batches_in_group, cfg, dev, bf16, world)
                 state.batches_in_epoch += len(group) * world.world_size
                 if not math.isfinite(loss):  # on every rank alike: train_step agrees on it
                     _skip_nonfinite(state, cfg, ckpts)
@@ -332,7 +334,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                        stopped_early=stopped_early, interrupted=interrupted)
 
 
-def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool,
+def train_step(model, optimizer, batches: list[dict], cfg, dev, bf16: bool,
                world: Dist = Dist()) -> tuple[float, int, int]:
     """One optimizer update over a group of collated batches (gradient accumulation).
 
@@ -354,7 +356,7 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, use_bf16: bool,
         b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
         # DDP decides at the forward whether this backward all-reduces: only the last batch's does.
         with (world.no_sync(model, skip=i + 1 < len(batches)),
-              torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)):
+              torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)):
             logits = model(b["src"], b["src_lengths"], b["trg_in"])
         loss = smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten(), smoothing=cfg.label_smoothing)
         (loss / n_tok_all * world.world_size).backward()

@@ -37,7 +37,29 @@ def pick_device(name: str) -> torch.device:
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    on_gpu = next(model.parameters()).is_cuda  # one fused kernel per update instead of dozens
+    return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+               fused=on_gpu or None)
+
+
+def use_bf16(precision: str, dev: torch.device) -> bool:
+    """Whether training runs under bf16 autocast (``train.precision``).
+
+    ``auto`` keeps fp32 tensors: on CUDA its matmuls run on TF32 tensor cores (the
+    decoder's small per-step kernels are bound by launch overhead, and bf16 would only
+    add casts), on CPU in plain fp32. ``fp32`` is strict fp32 everywhere.
+    """
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "auto"
+        torch.backends.cudnn.allow_tf32 = precision == "auto"
+    return precision == "bf16"
+
+
+def precision_name(bf16: bool, dev: torch.device) -> str:
+    """How training computes, for the log: after :func:`use_bf16` has set TF32 up."""
+    if bf16:
+        return "bf16 autocast"
+    return "fp32, TF32 matmuls" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 class LRSchedule:

@@ -40,7 +40,8 @@ from nmt.model.cells import gate_count
 from nmt.recipe import load_recipe
 from nmt.runs import test_splits_of
 from nmt.train import train_step
-from nmt.train_utils import make_optimizer, pick_device
+from nmt.train_utils import make_optimizer, pick_device, precision_name
+from nmt.train_utils import use_bf16 as bf16_training
 from nmt.translate import SearchOptions, Translator
 
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = bf16_training(cfg.precision, device)
 
     data = run_dir / "data"
     src_tok, trg_tok = load_tokenizers(data)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": str(args.recipe),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "precision": "bf16" if use_bf16 else "fp32",
+        "precision": precision_name(use_bf16, device),
         "torch": str(torch.__version__),
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch_tokens": cfg.batch_tokens,

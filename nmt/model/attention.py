@@ -49,7 +49,7 @@ class AdditiveAttention(nn.Module):
         """
         query = self.query_layer(query).unsqueeze(1)  # batch x 1 x attn_dim
         energies = self.energy_layer(torch.tanh(query + keys)).squeeze(2)  # batch x src_len
-        energies = energies.masked_fill(~mask, float("-inf"))
+        energies = torch.where(mask, energies, float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
         weights = torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len

@@ -31,6 +31,8 @@ def _layer(state: DecoderState, layer: int):
 
 def _stack_layers(states: list) -> DecoderState:
     """One state ``[layers, ...]`` from the per-layer states of a step."""
+    if len(states) == 1:  # a view, not a copy: one kernel less per step
+        return map_state(states[0], lambda s: s.unsqueeze(0))
     if isinstance(states[0], tuple):
         return tuple(torch.stack(parts) for parts in zip(*states))
     return torch.stack(states)
@@ -154,7 +156,7 @@ class Decoder(nn.Module):
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
         # Slice the context's columns of the layer-1 input weights once, not per step:
         # a slice's backward allocates a zero gradient the size of the whole weight.
-        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]  # gates*hidden x annotation_size
+        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :].t().type_as(emb_gates)  # annotation x gates*hidden
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
         for gates_i in emb_gates.unbind(1):
@@ -185,7 +187,7 @@ class Decoder(nn.Module):
         """
         emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
         emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
-        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :]
+        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :].t().type_as(emb_gates)
         state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask, ctx_weight)
         return self._output(hidden_of(state)[-1], emb, context), state, weights
 
@@ -202,13 +204,13 @@ class Decoder(nn.Module):
 
         :param emb_gates: ``[batch, gates * hidden]`` layer-1 gates from E y_{i-1} (with bias)
         :param state: s_{i-1}, ``[layers, batch, hidden]`` (a pair of them for an LSTM)
-        :param ctx_weight: ``[gates * hidden, annotation_size]`` the context's columns of
-            layer 1's input weights
+        :param ctx_weight: ``[annotation_size, gates * hidden]`` the context's columns of
+            layer 1's input weights, transposed
         :return: s_i (same form as ``state``), c_i ``[batch, annotation_size]``,
             a_i ``[batch, src_len]``
         """
         context, weights = self.attention(hidden_of(state)[-1], keys, annotations, src_mask)
-        gates = emb_gates + F.linear(context, ctx_weight)
+        gates = torch.addmm(emb_gates, context, ctx_weight)  # one kernel: E y_{i-1} part + W_c c_i
         new_states = [self.cells[0].step(gates, _layer(state, 0))]  # layer 1 reads [E y_{i-1}; c_i]
         for layer in range(1, self.layers):
             below = F.dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
