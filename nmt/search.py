@@ -90,7 +90,7 @@ def greedy_search(
     batch_size = src.size(0)
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
-    max_lens = _max_lengths(src_lengths, max_len_a, max_len_b)  # batch
+    max_lens = _max_lengths(src_lengths.cpu(), max_len_a, max_len_b)  # batch, on the CPU
     sentence_ids = torch.arange(batch_size, device=src.device)  # batch row -> sentence
     prev_tokens = torch.full_like(sentence_ids, model.bos_id)
     scores = torch.zeros(batch_size, device=src.device)
@@ -120,7 +120,7 @@ def greedy_search(
                 hyp_attention = hyp_attention[:, : src_lens[sid]]
                 results[sid].append(Hypothesis(hyp_tokens, score, hyp_attention))
             keep = (~done).nonzero().squeeze(1)  # unfinished sentences stay in the batch
-            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep]
+            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep.cpu()]
             prev_tokens = prev_tokens[keep]
             scores, tokens, attention = scores[keep], tokens[keep], attention[keep]
             state, enc = model.reorder_state(state, keep), enc.select(keep)
@@ -184,7 +184,7 @@ def beam_search(
     enc, state = enc.select(rows), model.reorder_state(state, rows)
 
     sentence_ids = torch.arange(n, device=device)  # batch sentence -> input sentence
-    max_lens = _max_lengths(src_lengths, max_len_a, max_len_b)  # n
+    max_lens = _max_lengths(src_lengths.cpu(), max_len_a, max_len_b)  # n, on the CPU
     n_finished = torch.zeros(n, dtype=torch.long, device=device)  # n
     scores = torch.full((n, k), float("-inf"), device=device)  # n x k, raw log-probs
     scores[:, 0] = 0.0  # a single live beam at first, so that no hypothesis is repeated
@@ -230,11 +230,11 @@ def beam_search(
         live_tokens = top_tokens.gather(1, live)  # n x k
 
         # Finished sentences leave the batch.
-        done = (n_finished >= k) | (max_lens <= step)  # n
+        done = (n_finished >= k) | (max_lens <= step).to(device)  # n
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             scores, live_rows, live_tokens = scores[keep], live_rows[keep], live_tokens[keep]
-            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep]
+            sentence_ids, max_lens = sentence_ids[keep], max_lens[keep.cpu()]
             n_finished = n_finished[keep]
             n = keep.numel()
             # all beams of a sentence share its encoding, so any of its rows will do
@@ -254,17 +254,23 @@ def _max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tenso
 
 
 def _restrict(log_probs: Tensor, model: Decodable, force_eos: Tensor) -> Tensor:
-    """Forbid pad and bos everywhere, and everything but eos where ``force_eos``.
+    """Forbid pad and bos everywhere, and everything but eos where ``force_eos``, in place.
 
-    :param log_probs: ``[batch, vocab]``
-    :param force_eos: ``[batch]`` bool, rows that have reached their maximum length
-    :return: ``[batch, vocab]`` with forbidden entries at -inf (not renormalised)
+    In place and row by row, because this runs on a ``[batch, vocab]`` matrix every
+    step: out-of-place masks cost five passes over it.
+
+    :param log_probs: ``[batch, vocab]``, a fresh tensor of this step's (modified)
+    :param force_eos: ``[batch]`` bool on the CPU, rows that have reached their maximum length
+    :return: ``log_probs``, forbidden entries at -inf (not renormalised)
     """
-    log_probs = log_probs.clone()
-    log_probs[:, [model.pad_id, model.bos_id]] = float("-inf")
-    only_eos = torch.full_like(log_probs, float("-inf"))
-    only_eos[:, model.eos_id] = log_probs[:, model.eos_id]
-    return torch.where(force_eos.unsqueeze(1), only_eos, log_probs)
+    log_probs[:, model.pad_id] = float("-inf")
+    log_probs[:, model.bos_id] = float("-inf")
+    if force_eos.any():
+        rows = force_eos.nonzero().squeeze(1).to(log_probs.device)
+        eos = log_probs[rows, model.eos_id]
+        log_probs[rows] = float("-inf")
+        log_probs[rows, model.eos_id] = eos
+    return log_probs
 
 
 def _length_normaliser(length: int, length_norm: str, alpha: float) -> float:
