@@ -144,7 +144,7 @@ class FusedGRUCell(TorchLayoutCell):
         if h.is_cuda and gates_x.dtype == gates_h.dtype == h.dtype:
             # PyTorch's own fused kernel for exactly these equations (nn.GRUCell uses it
             # on CUDA): the gate arithmetic in one kernel forward and one backward.
-            return torch._thnn_fused_gru_cell(gates_x, gates_h, h)[0]
+            return torch.ops.aten._thnn_fused_gru_cell(gates_x, gates_h, h)[0]
         x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
         h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
         r = torch.sigmoid(x_r + h_r)
