@@ -198,11 +198,15 @@ def beam_search(
         log_probs, state, weights = model.decode_step(prev_tokens, state, enc)  # n*k x vocab
         force_eos = (max_lens <= step).repeat_interleave(k)
         log_probs = _restrict(log_probs, model, force_eos)
-        vocab = log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        # The 2k best extensions of a sentence are among the 2k best of each of its
+        # beams: rank each beam's words first, then only k x 2k candidates, instead of
+        # adding the scores to, and ranking, the whole k x vocabulary.
+        per_beam = min(2 * k, log_probs.size(1))
+        beam_scores, beam_tokens = log_probs.topk(per_beam, dim=1)  # n*k x per_beam
+        candidates = (scores.view(-1, 1) + beam_scores).view(n, k * per_beam)
         top_scores, top_ids = candidates.topk(2 * k, dim=1)  # n x 2k
-        top_tokens = top_ids % vocab  # n x 2k
-        top_rows = top_ids // vocab + k * torch.arange(n, device=device).unsqueeze(1)  # n x 2k
+        top_tokens = beam_tokens.view(n, k * per_beam).gather(1, top_ids)  # n x 2k
+        top_rows = top_ids // per_beam + k * torch.arange(n, device=device).unsqueeze(1)  # n x 2k
         ends = top_tokens == model.eos_id  # n x 2k
 
         # Set aside hypotheses that end in eos within the top k.
