@@ -102,6 +102,33 @@ def test_teacher_forcing_equals_step_by_step_decoding(cell, layers, init_state, 
         torch.testing.assert_close(log_probs, expected[:, i])
 
 
+@pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)
+def test_teacher_forcing_gradients_equal_step_by_step(cell, layers, init_state, maxout):
+    """In training the decoder computes the gradients of its per-step weights once for the
+    whole target (nmt.model.loop_weight); stepping one word at a time computes them at
+    every step, as plain autograd does. Both give the same gradients."""
+    model = tiny_model(cell, layers, init_state, maxout).train()  # dropout is 0
+    src, src_lengths = pad_batch([SHORT, LONG])
+    trg_in = torch.tensor([TRG_IN, [BOS, 9, 8, 7, 6]])
+    target = torch.randn(2, trg_in.size(1), model.decoder.output_layer.out_features)
+
+    def gradients(logits):
+        model.zero_grad()
+        (F.log_softmax(logits, dim=-1) * target).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole = gradients(model(src, src_lengths, trg_in))
+    enc = model.encode(src, src_lengths)
+    state, steps = model.init_state(enc), []
+    for i in range(trg_in.size(1)):
+        logits, state, _ = model.decoder.step(trg_in[:, i], state, enc.keys, enc.annotations, enc.mask)
+        steps.append(logits)
+    stepped = gradients(torch.stack(steps, dim=1))
+    assert whole.keys() == stepped.keys()
+    for name in whole:
+        torch.testing.assert_close(whole[name], stepped[name], msg=name)
+
+
 def test_encoder_output_select_and_reorder_state():
     model = tiny_model(layers=2)
     src, src_lengths = pad_batch([SHORT, LONG])

@@ -47,7 +47,13 @@ class AdditiveAttention(nn.Module):
         :return: context c_i ``[batch, key_size]`` and weights a_ij ``[batch, src_len]``,
             which sum to one and are exactly zero on padding
         """
-        query = self.query_layer(query).unsqueeze(1)  # batch x 1 x attn_dim
+        return self.attend(self.query_layer(query), keys, annotations, mask)
+
+    def attend(
+        self, projected_query: Tensor, keys: Tensor, annotations: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
+        query = projected_query.unsqueeze(1)  # batch x 1 x attn_dim
         energies = self.energy_layer(torch.tanh(query + keys)).squeeze(2)  # batch x src_len
         energies = torch.where(mask, energies, float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast

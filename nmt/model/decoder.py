@@ -1,13 +1,28 @@
 """Attentional recurrent decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import AdditiveAttention
 from nmt.model.cells import CELLS, make_cell
+from nmt.model.gru import ExactGRUCell
+from nmt.model.loop_weight import LoopWeight
 
 INIT_STATES = ("bridge", "mean", "zero")
+
+
+class StepWeights(NamedTuple):
+    """The products each decoder step computes (:class:`LoopWeight`): ``W_a s`` for the
+    attention query, ``W_c c`` for the context's share of the layer-1 gates, and
+    ``W_hh h + b_hh`` for layer 1's recurrent share (None for the exact GRU, whose step
+    multiplies ``W_hh`` in two parts)."""
+
+    query: LoopWeight
+    context: LoopWeight
+    recurrent: LoopWeight | None
 
 # The decoder state of every layer: ``[layers, batch, hidden]`` for a GRU; for an LSTM
 # the pair ``(h, c)`` of two such tensors, outputs and memories.
@@ -154,13 +169,11 @@ class Decoder(nn.Module):
         emb = self.embed(trg_in)  # batch x trg_len x emb
         emb = F.dropout(emb, self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
-        # Slice the context's columns of the layer-1 input weights once, not per step:
-        # a slice's backward allocates a zero gradient the size of the whole weight.
-        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :].t().type_as(emb_gates)  # annotation x gates*hidden
+        weights = self._step_weights(emb_gates.dtype)
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
         for gates_i in emb_gates.unbind(1):
-            state, context, _ = self._recur(gates_i, state, keys, annotations, src_mask, ctx_weight)
+            state, context, _ = self._recur(gates_i, state, keys, annotations, src_mask, weights)
             states.append(hidden_of(state)[-1])
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
@@ -187,9 +200,20 @@ class Decoder(nn.Module):
         """
         emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
         emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
-        ctx_weight = self.cells[0].weight_ih[:, self.emb_dim :].t().type_as(emb_gates)
-        state, context, weights = self._recur(emb_gates, state, keys, annotations, src_mask, ctx_weight)
-        return self._output(hidden_of(state)[-1], emb, context), state, weights
+        weights = self._step_weights(emb_gates.dtype)
+        state, context, attention = self._recur(emb_gates, state, keys, annotations, src_mask, weights)
+        return self._output(hidden_of(state)[-1], emb, context), state, attention
+
+    def _step_weights(self, dtype: torch.dtype) -> StepWeights:
+        """The matrices every step multiplies, for one pass over the target (see
+        :mod:`nmt.model.loop_weight`: in training their gradients are computed once)."""
+        cell = self.cells[0]
+        # Slice the context's columns of the layer-1 input weights once, not per step:
+        # a slice's backward allocates a zero gradient the size of the whole weight.
+        # (type_as: under autocast, cast once rather than at every step.)
+        context = cell.weight_ih[:, self.emb_dim :].to(dtype)
+        recurrent = None if isinstance(cell, ExactGRUCell) else LoopWeight(cell.weight_hh, cell.bias_hh)
+        return StepWeights(LoopWeight(self.attention.query_layer.weight), LoopWeight(context), recurrent)
 
     def _recur(
         self,
@@ -198,24 +222,28 @@ class Decoder(nn.Module):
         keys: Tensor,
         annotations: Tensor,
         src_mask: Tensor,
-        ctx_weight: Tensor,
+        weights: StepWeights,
     ) -> tuple[DecoderState, Tensor, Tensor]:
         """Steps 1 and 2: attention from s_{i-1}, then the stacked recurrent update.
 
         :param emb_gates: ``[batch, gates * hidden]`` layer-1 gates from E y_{i-1} (with bias)
         :param state: s_{i-1}, ``[layers, batch, hidden]`` (a pair of them for an LSTM)
-        :param ctx_weight: ``[annotation_size, gates * hidden]`` the context's columns of
-            layer 1's input weights, transposed
+        :param weights: from :meth:`_step_weights`
         :return: s_i (same form as ``state``), c_i ``[batch, annotation_size]``,
             a_i ``[batch, src_len]``
         """
-        context, weights = self.attention(hidden_of(state)[-1], keys, annotations, src_mask)
-        gates = torch.addmm(emb_gates, context, ctx_weight)  # one kernel: E y_{i-1} part + W_c c_i
-        new_states = [self.cells[0].step(gates, _layer(state, 0))]  # layer 1 reads [E y_{i-1}; c_i]
+        query = weights.query(hidden_of(state)[-1])  # W_a s_{i-1}
+        context, attention = self.attention.attend(query, keys, annotations, src_mask)
+        gates = weights.context(context, add=emb_gates)  # E y_{i-1} part + W_c c_i
+        first = _layer(state, 0)  # layer 1 reads [E y_{i-1}; c_i]
+        if weights.recurrent is None:
+            new_states = [self.cells[0].step(gates, first)]
+        else:
+            new_states = [self.cells[0].step(gates, first, weights.recurrent(hidden_of(first)))]
         for layer in range(1, self.layers):
             below = F.dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
             new_states.append(self.cells[layer](below, _layer(state, layer)))
-        return _stack_layers(new_states), context, weights
+        return _stack_layers(new_states), context, attention
 
     def _output(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         """Step 3, the deep output and the output projection, for any leading shape.

@@ -133,14 +133,16 @@ class FusedGRUCell(TorchLayoutCell):
 
     gates = 3  # r, z, n
 
-    def step(self, gates_x: Tensor, h: Tensor) -> Tensor:
+    def step(self, gates_x: Tensor, h: Tensor, gates_h: Tensor | None = None) -> Tensor:
         """One ``nn.GRUCell`` step.
 
         :param gates_x: ``[batch, 3 * hidden]`` from ``project_input``
         :param h: ``[batch, hidden]`` previous state
+        :param gates_h: ``W_hh h + b_hh`` if the caller computed it already
         :return: ``[batch, hidden]`` new state
         """
-        gates_h = F.linear(h, self.weight_hh, self.bias_hh)
+        if gates_h is None:
+            gates_h = F.linear(h, self.weight_hh, self.bias_hh)
         if h.is_cuda and gates_x.dtype == gates_h.dtype == h.dtype:
             # PyTorch's own fused kernel for exactly these equations (nn.GRUCell uses it
             # on CUDA): the gate arithmetic in one kernel forward and one backward.

@@ -29,15 +29,18 @@ class LSTMCell(TorchLayoutCell):
 
     gates = 4  # i, f, g, o
 
-    def step(self, gates_x: Tensor, state: LSTMState) -> LSTMState:
+    def step(self, gates_x: Tensor, state: LSTMState, gates_h: Tensor | None = None) -> LSTMState:
         """One ``nn.LSTMCell`` step.
 
         :param gates_x: ``[batch, 4 * hidden]`` from ``project_input``
         :param state: ``(h, c)``, each ``[batch, hidden]``
+        :param gates_h: ``W_hh h + b_hh`` if the caller computed it already
         :return: the new ``(h, c)``
         """
         h, c = state
-        gates = gates_x + F.linear(h, self.weight_hh, self.bias_hh)
+        if gates_h is None:
+            gates_h = F.linear(h, self.weight_hh, self.bias_hh)
+        gates = gates_x + gates_h
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c

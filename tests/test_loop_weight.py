@@ -1,0 +1,69 @@
+"""LoopWeight: a per-step weight whose gradient is computed once for the whole loop."""
+
+import pytest
+import torch
+
+from nmt.model.loop_weight import LoopWeight
+
+
+def recurrence(weight, bias, extra, h0, x, deferred: bool):
+    """h_t = tanh(W h_{t-1} + b + x_t) and a second weight on an add term, for T steps."""
+    w, v = (LoopWeight(weight, bias), LoopWeight(extra)) if deferred else (None, None)
+    h, outputs = h0, []
+    for x_t in x.unbind(0):
+        if deferred:
+            pre = w(h) + x_t
+            out = v(h, add=pre)
+        else:
+            pre = torch.addmm(bias, h, weight.t()) + x_t
+            out = torch.addmm(pre, h, extra.t())
+        h = torch.tanh(out)
+        outputs.append(h)
+    return torch.stack(outputs)
+
+
+def test_gradients_equal_plain_autograd():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    extra = torch.randn(6, 6, requires_grad=True)
+    h0 = torch.randn(4, 6, requires_grad=True)
+    x = torch.randn(7, 4, 6, requires_grad=True)
+    leaves = (weight, bias, extra, h0, x)
+    grad = torch.randn(7, 4, 6)
+    results = []
+    for deferred in (False, True):
+        out = recurrence(*leaves, deferred=deferred)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (plain, plain_grads), (loop, loop_grads) = results
+    torch.testing.assert_close(loop, plain)
+    for got, want in zip(loop_grads, plain_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_deferred_only_when_training_without_autocast():
+    weight = torch.randn(3, 2, requires_grad=True)
+    assert LoopWeight(weight).deferred
+    with torch.no_grad():
+        assert not LoopWeight(weight).deferred
+    assert not LoopWeight(weight.detach()).deferred
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop = LoopWeight(weight)
+        assert not loop.deferred
+        assert loop(torch.randn(5, 2)).dtype == torch.bfloat16
+
+
+def test_steps_that_the_loss_does_not_reach_add_nothing():
+    weight = torch.randn(3, 3, requires_grad=True)
+    loop = LoopWeight(weight)
+    x = torch.randn(2, 3)
+    used, unused = loop(x), loop(2 * x)
+    (weight_grad,) = torch.autograd.grad(used.sum(), weight)
+    torch.testing.assert_close(weight_grad, torch.ones(2, 3).t() @ x)
+    assert unused.requires_grad and loop.steps == []
+
+
+def test_a_bias_and_a_per_step_add_together_are_refused():
+    loop = LoopWeight(torch.randn(3, 2, requires_grad=True), torch.randn(3, requires_grad=True))
+    with pytest.raises(ValueError, match="either a bias or a per-step add"):
+        loop(torch.randn(4, 2), add=torch.randn(4, 3))
