@@ -44,7 +44,7 @@ from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, 
 from nmt.train_utils import (
     TrainError,
     precision_name,
-    use_bf16,
+    setup_precision,
     log,
     LRSchedule,
     MetricsLog,
@@ -132,7 +132,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     dev = world.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = use_bf16(cfg.precision, dev)
+    bf16 = setup_precision(cfg.precision, dev)
 
     # Data: encoded corpora (memory-mapped) and the raw validation text for BLEU.
     data = data_dir_of(run_dir)

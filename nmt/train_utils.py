@@ -42,7 +42,7 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                fused=on_gpu or None)
 
 
-def use_bf16(precision: str, dev: torch.device) -> bool:
+def setup_precision(precision: str, dev: torch.device) -> bool:
     """Whether training runs under bf16 autocast (``train.precision``).
 
     ``auto`` keeps fp32 tensors: on CUDA its matmuls run on TF32 tensor cores (the
@@ -56,7 +56,7 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
 
 
 def precision_name(bf16: bool, dev: torch.device) -> str:
-    """How training computes, for the log: after :func:`use_bf16` has set TF32 up."""
+    """How training computes, for the log: after :func:`setup_precision` has set TF32 up."""
     if bf16:
         return "bf16 autocast"
     return "fp32, TF32 matmuls" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"

@@ -85,3 +85,23 @@ def test_beam_search_on_gpu_finds_what_the_cpu_finds():
     for a, b in zip(on_cpu, on_gpu):
         assert [h.tokens for h in a] == [h.tokens for h in b]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_auto_precision_uses_tf32_matmuls_and_fp32_does_not():
+    from nmt.train_utils import precision_name, setup_precision
+
+    assert setup_precision("auto", CUDA) is False
+    assert torch.backends.cuda.matmul.allow_tf32 and precision_name(False, CUDA) == "fp32, TF32 matmuls"
+    assert setup_precision("fp32", CUDA) is False
+    assert not torch.backends.cuda.matmul.allow_tf32 and precision_name(False, CUDA) == "fp32"
+    assert setup_precision("bf16", CUDA) is True
+
+
+def test_adam_is_fused_on_the_gpu():
+    from nmt.recipe import load_recipe
+    from nmt.train_utils import make_optimizer
+
+    model = Seq2Seq(src_vocab_size=20, trg_vocab_size=18, emb_dim=8, enc_hidden=6, dec_hidden=10,
+                    attn_dim=5, out_dim=8).to(CUDA)
+    optimizer = make_optimizer(model, load_recipe("recipes/multi30k-tiny.yaml").train)
+    assert optimizer.defaults["fused"] is True

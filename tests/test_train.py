@@ -146,3 +146,14 @@ def test_tiny_recipe_end_to_end_on_multi30k(tmp_path):
     )
     assert translate.returncode == 0, translate.stderr[-3000:]
     assert len(translate.stdout.split("\n")) == 4 and translate.stdout.split("\n")[1] == ""
+
+
+@pytest.mark.parametrize("precision,bf16,name", [("auto", False, "fp32"), ("fp32", False, "fp32"),
+                                                  ("bf16", True, "bf16 autocast")])
+def test_precision_on_cpu(precision, bf16, name):
+    """On a CPU, auto is plain fp32; only bf16 turns autocast on (TF32 is a GPU matter)."""
+    from nmt.train_utils import precision_name, setup_precision
+
+    cpu = torch.device("cpu")
+    assert setup_precision(precision, cpu) is bf16
+    assert precision_name(bf16, cpu) == name

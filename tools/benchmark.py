@@ -40,8 +40,7 @@ from nmt.model.cells import gate_count
 from nmt.recipe import load_recipe
 from nmt.runs import test_splits_of
 from nmt.train import train_step
-from nmt.train_utils import make_optimizer, pick_device, precision_name
-from nmt.train_utils import use_bf16 as bf16_training
+from nmt.train_utils import make_optimizer, pick_device, precision_name, setup_precision
 from nmt.translate import SearchOptions, Translator
 
 
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_bf16 = bf16_training(cfg.precision, device)
+    use_bf16 = setup_precision(cfg.precision, device)
 
     data = run_dir / "data"
     src_tok, trg_tok = load_tokenizers(data)
