@@ -6,6 +6,7 @@ TF32), and are skipped on machines without a GPU (CI has none; run them on one).
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,5 +104,5 @@ def test_adam_is_fused_on_the_gpu():
 
     model = Seq2Seq(src_vocab_size=20, trg_vocab_size=18, emb_dim=8, enc_hidden=6, dec_hidden=10,
                     attn_dim=5, out_dim=8).to(CUDA)
-    optimizer = make_optimizer(model, load_recipe("recipes/multi30k-tiny.yaml").train)
+    optimizer = make_optimizer(model, load_recipe(Path(__file__).parent.parent / "recipes/multi30k-tiny.yaml").train)
     assert optimizer.defaults["fused"] is True
