@@ -110,6 +110,8 @@ def resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> P
     model.load_state_dict(payload["model"])
     ts = payload["train_state"]
     optimizer.load_state_dict(ts["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups carry the saving device's choice
+        group["fused"] = optimizer.defaults["fused"]
     schedule.load_state_dict(ts["schedule"])
     state.restore(ts["progress"], accum_steps=schedule.cfg.accum_steps)
     torch.set_rng_state(ts["torch_rng"].cpu())

@@ -67,3 +67,17 @@ def test_a_bias_and_a_per_step_add_together_are_refused():
     loop = LoopWeight(torch.randn(3, 2, requires_grad=True), torch.randn(3, requires_grad=True))
     with pytest.raises(ValueError, match="either a bias or a per-step add"):
         loop(torch.randn(4, 2), add=torch.randn(4, 3))
+
+
+def test_a_backward_pass_for_other_inputs_leaves_nothing_behind():
+    """autograd.grad for x alone runs the steps' backward but not the weight's: a later
+    full backward pass must not count those steps twice."""
+    weight = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3, requires_grad=True)
+    loop = LoopWeight(weight)
+    out = torch.tanh(loop(torch.tanh(loop(x)))).sum()
+    torch.autograd.grad(out, x, retain_graph=True)
+    (got,) = torch.autograd.grad(out, weight)
+    plain = torch.tanh(torch.tanh(x @ weight.t()) @ weight.t()).sum()
+    (want,) = torch.autograd.grad(plain, weight)
+    torch.testing.assert_close(got, want)

@@ -210,7 +210,7 @@ class Decoder(nn.Module):
         cell = self.cells[0]
         # Slice the context's columns of the layer-1 input weights once, not per step:
         # a slice's backward allocates a zero gradient the size of the whole weight.
-        # (type_as: under autocast, cast once rather than at every step.)
+        # (.to(dtype): under autocast, cast once rather than at every step.)
         context = cell.weight_ih[:, self.emb_dim :].to(dtype)
         recurrent = None if isinstance(cell, ExactGRUCell) else LoopWeight(cell.weight_hh, cell.bias_hh)
         return StepWeights(LoopWeight(self.attention.query_layer.weight), LoopWeight(context), recurrent)

@@ -10,7 +10,8 @@ for its recurrent weights. The value and the gradients are those of plain autogr
 to the order of a sum.
 
 Outside training (no gradient, or under autocast, whose casts belong to the plain ops) a
-LoopWeight is just ``add + x W^T + b``.
+LoopWeight is just ``add + x W^T + b``. Not supported: a second-order gradient through
+the loop (``create_graph=True``); the gradient is computed once, not as a graph.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ class LoopWeight:
     at every step of one forward pass: make one per forward, call it at each step."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        self.steps: list[tuple[Tensor, Tensor]] = []  # (x_t, g_t), filled by the backward pass
+        # (backward pass id, x_t, g_t), filled by the backward pass. The autograd nodes
+        # hold this list, not the LoopWeight: no reference cycle through the graph.
+        self.steps: list[tuple[int, Tensor, Tensor]] = []
         self.deferred = (
             torch.is_grad_enabled()
             and weight.requires_grad
             and not torch.is_autocast_enabled(weight.device.type)
         )
         if self.deferred:  # aliases whose backward runs once, after every step's
-            self.weight, self.bias = _Enter.apply(self, weight, bias)
+            self.weight, self.bias = _Enter.apply(self.steps, weight, bias)
         else:
             self.weight, self.bias = weight, bias
 
@@ -46,7 +49,7 @@ class LoopWeight:
         if add is not None and self.bias is not None:
             raise ValueError("LoopWeight: give either a bias or a per-step add, not both")
         if self.deferred:
-            return _Step.apply(x, add, self.weight, self.bias, self)
+            return _Step.apply(x, add, self.weight, self.bias, self.steps)
         base = add if add is not None else self.bias
         return x @ self.weight.t() if base is None else torch.addmm(base, x, self.weight.t())
 
@@ -56,8 +59,8 @@ class _Enter(torch.autograd.Function):
     computes the weight's gradient from every step's inputs and output gradients."""
 
     @staticmethod
-    def forward(ctx, loop: LoopWeight, weight: Tensor, bias: Tensor | None):
-        ctx.loop = loop
+    def forward(ctx, steps: list, weight: Tensor, bias: Tensor | None):
+        ctx.steps = steps
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)  # the steps send no gradient here: no zero tensors
         return weight.view_as(weight), (bias.view_as(bias) if bias is not None else None)
@@ -65,7 +68,11 @@ class _Enter(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _weight_grad, _bias_grad):
-        steps, ctx.loop.steps = ctx.loop.steps, []
+        # Only this backward pass's steps: a pass that asked for other gradients alone
+        # (autograd.grad(..., inputs)) may have left some that are not ours.
+        task = torch._C._current_graph_task_id()
+        steps = [(x, g) for t, x, g in ctx.steps if t == task]
+        ctx.steps.clear()
         if not steps:
             return None, None, None
         x = torch.cat([x for x, _ in steps])  # (batch * steps) x in
@@ -78,9 +85,9 @@ class _Step(torch.autograd.Function):
     weight's (and bias's) left to :class:`_Enter`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, add: Tensor | None, weight: Tensor, bias: Tensor | None, loop: LoopWeight):
+    def forward(ctx, x: Tensor, add: Tensor | None, weight: Tensor, bias: Tensor | None, steps: list):
         ctx.save_for_backward(x, weight)
-        ctx.loop = loop
+        ctx.steps = steps
         ctx.has_add = add is not None
         base = add if add is not None else bias
         return x @ weight.t() if base is None else torch.addmm(base, x, weight.t())
@@ -89,5 +96,5 @@ class _Step(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
-        ctx.loop.steps.append((x, g))
+        ctx.steps.append((torch._C._current_graph_task_id(), x, g))
         return g @ weight, (g if ctx.has_add else None), None, None, None
