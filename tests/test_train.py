@@ -21,10 +21,12 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_learns_toy_task_and_writes_run_folder(tmp_path, capsys):
-    recipe = make_recipe(tmp_path, steps=200, valid_every=100)
+    # 300 updates, as the other toy tests: at a constant lr of 0.002 the toy's loss
+    # spikes now and then, so where a run stands after 200 depends on float rounding.
+    recipe = make_recipe(tmp_path, steps=300, valid_every=100)
     result = train(recipe, tmp_path / "run", device="cpu")
     run = tmp_path / "run"
-    assert result.steps == 200
+    assert result.steps == 300
     assert result.best_bleu is not None and result.best_bleu > 90
     for name in ("last.pt", "best.pt"):
         assert (run / "checkpoints" / name).is_file()
@@ -33,7 +35,7 @@ def test_learns_toy_task_and_writes_run_folder(tmp_path, capsys):
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert train_losses[-1] < train_losses[0] / 3
     valid_steps = [r["step"] for r in records if r["kind"] == "valid"]
-    assert {100, 200} <= set(valid_steps)  # every 100 updates, and at each epoch's end
+    assert {100, 200, 300} <= set(valid_steps)  # every 100 updates, and at each epoch's end
     # The final evaluation table on the test split went to stdout.
     out = capsys.readouterr().out
     assert "test" in out and "BLEU" in out
