@@ -41,19 +41,8 @@ from nmt.model.build import build_model
 from nmt.recipe import Recipe, dump_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
 from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
-from nmt.train_utils import (
-    TrainError,
-    precision_name,
-    setup_precision,
-    log,
-    LRSchedule,
-    MetricsLog,
-    RunLock,
-    RunLockedError,
-    StopRequest,
-    make_optimizer,
-    set_aside,
-)
+from nmt.train_utils import (LRSchedule, MetricsLog, RunLock, RunLockedError, StopRequest, TrainError, log,
+                             make_optimizer, precision_name, set_aside, setup_precision)
 from nmt.translate import SearchOptions, Translator
 
 
