@@ -177,7 +177,9 @@ class Seq2Seq(nn.Module):
         positions = torch.arange(src.size(1), device=src.device)
         mask = positions < src_lengths.unsqueeze(1)  # batch x src_len
         keys = self.decoder.attention.compute_keys(annotations)  # batch x src_len x attn_dim
-        return EncoderOutput(annotations, keys, mask, backward_h1)
+        # Under autocast the keys come out in its lower precision; cast the annotations
+        # once here, not at every decoder step's context product.
+        return EncoderOutput(annotations.to(keys.dtype), keys, mask, backward_h1)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         """Initial decoder state ``[layers, batch, dec_hidden]`` (for an LSTM a pair
