@@ -41,16 +41,37 @@ def test_gradients_equal_plain_autograd():
         torch.testing.assert_close(got, want)
 
 
-def test_deferred_only_when_training_without_autocast():
+def test_deferred_only_when_the_weight_needs_a_gradient():
     weight = torch.randn(3, 2, requires_grad=True)
     assert LoopWeight(weight).deferred
     with torch.no_grad():
         assert not LoopWeight(weight).deferred
     assert not LoopWeight(weight.detach()).deferred
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loop = LoopWeight(weight)
-        assert not loop.deferred
-        assert loop(torch.randn(5, 2)).dtype == torch.bfloat16
+
+
+def test_under_autocast_the_gradients_equal_plain_autocast():
+    """Under bf16 autocast the weight is cast once, the products run in bf16, and the
+    gradients come back in each input's own dtype (here an fp32 x and add)."""
+    torch.manual_seed(1)
+    weight = torch.randn(6, 5, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    h0 = torch.randn(4, 5, requires_grad=True)
+    add = torch.randn(4, 6, requires_grad=True)
+    grads = []
+    for deferred in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            w, v = LoopWeight(weight, bias), LoopWeight(weight)
+            h, total = h0, 0
+            for _ in range(3):
+                out = (w(h) + v(h, add=add)) if deferred else (
+                    torch.addmm(bias, h, weight.t()) + torch.addmm(add, h, weight.t()))
+                assert out.dtype == torch.bfloat16
+                h = torch.tanh(out[:, :5]).float()
+                total = total + h.sum()
+        grads.append(torch.autograd.grad(total, (weight, bias, h0, add)))
+    for plain, loop in zip(*grads):
+        assert loop.dtype == plain.dtype == torch.float32
+        torch.testing.assert_close(loop, plain, atol=0.05, rtol=0.02)
 
 
 def test_steps_that_the_loss_does_not_reach_add_nothing():

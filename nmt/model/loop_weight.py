@@ -9,9 +9,10 @@ instead, and when the backward pass leaves the loop computes
 for its recurrent weights. The value and the gradients are those of plain autograd, up
 to the order of a sum.
 
-Outside training (no gradient, or under autocast, whose casts belong to the plain ops) a
-LoopWeight is just ``add + x W^T + b``. Not supported: a second-order gradient through
-the loop (``create_graph=True``); the gradient is computed once, not as a graph.
+Under autocast the weight is cast once per forward pass, and the products run in the
+autocast dtype. Without gradients a LoopWeight is just ``add + x W^T + b``. Not
+supported: a second-order gradient through the loop (``create_graph=True``); the
+gradient is computed once, not as a graph.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ class LoopWeight:
         # (backward pass id, x_t, g_t), filled by the backward pass. The autograd nodes
         # hold this list, not the LoopWeight: no reference cycle through the graph.
         self.steps: list[tuple[int, Tensor, Tensor]] = []
-        self.deferred = (
-            torch.is_grad_enabled()
-            and weight.requires_grad
-            and not torch.is_autocast_enabled(weight.device.type)
-        )
+        self.deferred = torch.is_grad_enabled() and weight.requires_grad
+        dtype = _autocast_dtype(weight.device.type)
+        if self.deferred and dtype is not None:  # cast once here, not at every step
+            weight, bias = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         if self.deferred:  # aliases whose backward runs once, after every step's
             self.weight, self.bias = _Enter.apply(self.steps, weight, bias)
         else:
@@ -52,6 +52,17 @@ class LoopWeight:
             return _Step.apply(x, add, self.weight, self.bias, self.steps)
         base = add if add is not None else self.bias
         return x @ self.weight.t() if base is None else torch.addmm(base, x, self.weight.t())
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on this device type, or None when it is off."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    elif device_type == "cpu":
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
 
 
 class _Enter(torch.autograd.Function):
@@ -86,15 +97,20 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, add: Tensor | None, weight: Tensor, bias: Tensor | None, steps: list):
+        # In the weight's dtype (the autocast dtype under autocast); the gradients go back
+        # in the dtypes x and add came in.
+        ctx.x_dtype, ctx.add_dtype = x.dtype, (add.dtype if add is not None else None)
+        x = x.to(weight.dtype)
         ctx.save_for_backward(x, weight)
         ctx.steps = steps
-        ctx.has_add = add is not None
-        base = add if add is not None else bias
+        base = add.to(weight.dtype) if add is not None else bias
         return x @ weight.t() if base is None else torch.addmm(base, x, weight.t())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
+        g = g.to(weight.dtype)
         ctx.steps.append((torch._C._current_graph_task_id(), x, g))
-        return g @ weight, (g if ctx.has_add else None), None, None, None
+        add_grad = g.to(ctx.add_dtype) if ctx.add_dtype is not None else None
+        return (g @ weight).to(ctx.x_dtype), add_grad, None, None, None
