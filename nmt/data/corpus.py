@@ -85,11 +85,18 @@ class EncodedCorpus:
     def trg_lengths(self) -> np.ndarray:
         return self._side_lengths("trg")
 
-    def _sentence(self, side: str, i: int) -> np.ndarray:
+    def _positions(self, indices) -> np.ndarray:
+        """``indices`` (negative ones count from the end) as positions ``0 .. n-1``;
+        IndexError naming the first out of range."""
+        indices = np.asarray(indices, dtype=np.int64)
         n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"{self.split}: sentence {i} out of range ({n} pairs)")
-        i %= n
+        bad = indices[(indices < -n) | (indices >= n)]
+        if len(bad):
+            raise IndexError(f"{self.split}: sentence {bad.flat[0]} out of range ({n} pairs)")
+        return indices % max(n, 1)
+
+    def _sentence(self, side: str, i: int) -> np.ndarray:
+        i = int(self._positions(i))
         offsets = self._offsets[side]
         return np.asarray(self._ids[side][offsets[i] : offsets[i + 1]], dtype=np.int64)
 
@@ -100,12 +107,7 @@ class EncodedCorpus:
             ids: [B, L] int64, ``pad_id`` after each sentence's end (L: the longest)
             lengths: [B] int64 piece counts
         """
-        indices = np.asarray(indices, dtype=np.int64)
-        n = len(self)
-        if len(indices) and not (-n <= indices.min() and indices.max() < n):
-            bad = indices[(indices < -n) | (indices >= n)][0]
-            raise IndexError(f"{self.split}: sentence {bad} out of range ({n} pairs)")
-        indices = indices % max(n, 1)
+        indices = self._positions(indices)
         offsets = self._offsets[side]
         starts = offsets[indices].astype(np.int64)
         lengths = offsets[indices + 1].astype(np.int64) - starts
