@@ -2,42 +2,53 @@
 
 The same value and gradient as
 `F.cross_entropy(logits, target, ignore_index=pad, label_smoothing=eps, reduction="sum")`,
-but the backward pass writes the gradient `softmax(logits) - q` (q: the smoothed target
-distribution) directly, instead of composing log_softmax, nll and the smoothing term:
-on a [tokens x vocabulary] matrix each of those is a full pass over memory, and that
-matrix is the largest one in training.
+but computed a block of rows at a time, and the gradient `softmax(logits) - q` (q: the
+smoothed target distribution) is written during the forward pass, in the logits' dtype.
+The [tokens x vocabulary] matrix is the largest one in training: composing log_softmax,
+nll and the smoothing term over all of it makes each a full pass over memory (and under
+bfloat16 two more, to convert it to float32 and its gradient back), while a block of
+rows stays in the cache. On one CPU core, for 3,584 x 6,000 bfloat16 logits: 218 ms
+before, 105 ms now (forward and backward); float32 is unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_BLOCK_ROWS = 128  # 128 x 6,000 float32 is 3 MB: fits a CPU's L3 cache
 
 
 class _SmoothedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, smoothing: float, ignore_index: int) -> Tensor:
-        log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)  # tokens x vocab
-        loss = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)  # nll, tokens
-        if smoothing:
-            loss = (1 - smoothing) * loss - smoothing * log_probs.mean(dim=1)
+        n, vocab = logits.shape
         keep = target != ignore_index  # tokens
-        ctx.save_for_backward(log_probs, target, keep)
-        ctx.smoothing = smoothing
-        ctx.logits_dtype = logits.dtype
-        return (loss * keep).sum()
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, _BLOCK_ROWS):
+            rows = slice(start, start + _BLOCK_ROWS)
+            log_probs = torch.log_softmax(logits[rows], dim=1, dtype=torch.float32)  # rows x vocab
+            gold = target[rows].unsqueeze(1)
+            loss = log_probs.gather(1, gold).squeeze(1).neg_()  # nll
+            if smoothing:
+                loss.mul_(1 - smoothing).sub_(log_probs.mean(dim=1), alpha=smoothing)
+            losses[rows] = loss
+            if grad is not None:  # softmax - q, zero on ignored rows
+                probs = log_probs.exp_()
+                if smoothing:
+                    probs.sub_(smoothing / vocab)
+                probs.scatter_add_(1, gold, probs.new_full(gold.shape, -(1 - smoothing)))
+                grad[rows] = probs.mul_(keep[rows].unsqueeze(1))
+        ctx.save_for_backward(grad)
+        return (losses * keep).sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        log_probs, target, keep = ctx.saved_tensors
-        eps = ctx.smoothing
-        weight = keep.float() * grad_output  # tokens
-        grad = log_probs.exp_()  # softmax, in place: log_probs is not needed again
-        if eps:
-            grad.sub_(eps / grad.size(1))
-        grad.mul_(weight.unsqueeze(1))
-        grad.scatter_add_(1, target.unsqueeze(1), (-(1 - eps) * weight).unsqueeze(1))
-        return grad.to(ctx.logits_dtype), None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 
 def smoothed_cross_entropy(logits: Tensor, target: Tensor, *, smoothing: float = 0.0, ignore_index: int = 0) -> Tensor:

@@ -95,10 +95,34 @@ def test_masked_loop_matches_packed_nn_gru_in_both_directions():
     expected, h_n = rnn(packed)
     expected, _ = pad_packed_sequence(expected, batch_first=True, total_length=6)
 
-    forward_states, forward_final = run_gru(forward_cell, forward_cell.project_input(x), mask)
+    forward_states, forward_final = run_gru(forward_cell.step, forward_cell.project_input(x), mask)
     backward_states, backward_final = run_gru(
-        backward_cell, backward_cell.project_input(x), mask, reverse=True
+        backward_cell.step, backward_cell.project_input(x), mask, reverse=True
     )
     torch.testing.assert_close(torch.cat([forward_states, backward_states], 2), expected)
     torch.testing.assert_close(forward_final, h_n[0])
     torch.testing.assert_close(backward_final, h_n[1])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_encoder_cpu_loop_matches_packed_nn_gru_with_gradients(layers):
+    """On a CPU the fused encoder runs nn.GRU's parameters in a time loop: the same
+    annotations, final backward state and parameter gradients as the packed nn.GRU."""
+    from nmt.model.encoder import Encoder
+
+    torch.manual_seed(0)
+    encoder = Encoder(vocab_size=11, emb_dim=5, hidden_size=4, layers=layers).double()
+    lengths = torch.tensor([6, 2, 4, 1])
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    mask = torch.arange(6) < lengths.unsqueeze(1)
+    probe = torch.randn(4, 6, 8, dtype=torch.float64)
+    results = []
+    for run in (lambda: encoder._encode_packed(x, lengths), lambda: encoder._encode_loop(x, mask)):
+        annotations, backward_h1 = run()
+        loss = (annotations * probe).sum() + backward_h1.sum()
+        results.append((annotations, backward_h1, torch.autograd.grad(loss, list(encoder.rnn.parameters()))))
+    (a0, h0, g0), (a1, h1, g1) = results
+    torch.testing.assert_close(a1, a0)
+    torch.testing.assert_close(h1, h0)
+    for expected, got in zip(g0, g1):
+        torch.testing.assert_close(got, expected)

@@ -71,6 +71,41 @@ def test_attention_sums_to_one_and_is_zero_on_padding():
         assert torch.all(weights[0, : len(SHORT)] > 0)
 
 
+def test_attention_values_and_gradients_match_the_equations():
+    """The hand-written backward of energies and context against autograd through the
+    plain formulas of Bahdanau et al. (2015), in float64."""
+    from nmt.model.attention import AdditiveAttention
+
+    torch.manual_seed(0)
+    attention = AdditiveAttention(key_size=6, query_size=5, attn_dim=4).double()
+    state = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
+    annotations = torch.randn(3, 7, 6, dtype=torch.double, requires_grad=True)
+    mask = torch.arange(7) < torch.tensor([[7], [3], [5]])
+    probe_c, probe_a = torch.randn(3, 6, dtype=torch.double), torch.randn(3, 7, dtype=torch.double)
+
+    def plain():
+        keys = annotations @ attention.key_layer.weight.t()
+        hidden = torch.tanh((state @ attention.query_layer.weight.t()).unsqueeze(1) + keys)
+        energies = (hidden @ attention.energy_layer.weight.t()).squeeze(2).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(energies, dim=1)
+        return (weights.unsqueeze(2) * annotations).sum(1), weights
+
+    def ours():
+        return attention(state, attention.compute_keys(annotations), annotations, mask)
+
+    params = [state, annotations, *attention.parameters()]
+    results = []
+    for fn in (plain, ours):
+        context, weights = fn()
+        loss = (context * probe_c).sum() + (weights * probe_a).sum()
+        results.append((context, weights, torch.autograd.grad(loss, params)))
+    (c0, a0, g0), (c1, a1, g1) = results
+    torch.testing.assert_close(c1, c0)
+    torch.testing.assert_close(a1, a0)
+    for expected, got in zip(g0, g1):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)
 def test_padding_does_not_change_a_sentence(cell, layers, init_state, maxout):
     model = tiny_model(cell, layers, init_state, maxout)

@@ -16,9 +16,11 @@ the cuDNN / ``torch.nn.GRU`` formulation): the exact cell resets ``h`` *before* 
 recurrent product, ``W (r * h)``; the fused cell resets *after* it, ``r * (W h + b)``,
 which lets one matmul ``W_hh h`` serve all three gates.
 
-``run_gru`` drives a cell over a right-padded batch, carrying the state unchanged
-through padding.
+``run_gru`` drives a cell's step over a right-padded batch, carrying the state
+unchanged through padding.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -143,16 +145,7 @@ class FusedGRUCell(TorchLayoutCell):
         """
         if gates_h is None:
             gates_h = F.linear(h, self.weight_hh, self.bias_hh)
-        if h.is_cuda and gates_x.dtype == gates_h.dtype == h.dtype:
-            # PyTorch's own fused kernel for exactly these equations (nn.GRUCell uses it
-            # on CUDA): the gate arithmetic in one kernel forward and one backward.
-            return torch.ops.aten._thnn_fused_gru_cell(gates_x, gates_h, h)[0]
-        x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
-        h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        return n + z * (h - n)
+        return fused_gru_gates(gates_x, gates_h, h)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         """One step from the raw input.
@@ -162,6 +155,26 @@ class FusedGRUCell(TorchLayoutCell):
         :return: ``[batch, hidden]``
         """
         return self.step(self.project_input(x), h)
+
+
+def fused_gru_gates(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> Tensor:
+    """The gate arithmetic of :class:`FusedGRUCell` (``nn.GRU``'s equations).
+
+    :param gates_x: ``[batch, 3 * hidden]`` ``W_i x + b_i``, gate order r, z, n
+    :param gates_h: ``[batch, 3 * hidden]`` ``W_h h + b_h``
+    :param h: ``[batch, hidden]`` previous state
+    :return: ``[batch, hidden]`` new state
+    """
+    if h.is_cuda and gates_x.dtype == gates_h.dtype == h.dtype:
+        # PyTorch's own fused kernel for exactly these equations (nn.GRUCell uses it
+        # on CUDA): the gate arithmetic in one kernel forward and one backward.
+        return torch.ops.aten._thnn_fused_gru_cell(gates_x, gates_h, h)[0]
+    x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
+    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return n + z * (h - n)
 
 
 GRUCell = ExactGRUCell | FusedGRUCell
@@ -177,9 +190,9 @@ def make_gru_cell(cell: str, input_size: int, hidden_size: int) -> GRUCell:
 
 
 def run_gru(
-    cell: GRUCell, gates_x: Tensor, mask: Tensor, reverse: bool = False
+    step: Callable[[Tensor, Tensor], Tensor], gates_x: Tensor, mask: Tensor, reverse: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Run ``cell`` over a right-padded batch, starting from a zero state.
+    """Run a GRU over a right-padded batch, starting from a zero state.
 
     On padding the state is carried through unchanged, so the forward direction
     ends on each sentence's last real token. Running ``reverse`` from the last
@@ -187,21 +200,21 @@ def run_gru(
     starts at each sentence's own last token: the same as reversing every
     sentence within its length (Bahdanau et al. 2015, section 3.2).
 
-    :param cell: a GRU cell
-    :param gates_x: ``[batch, src_len, 3 * hidden]`` from ``cell.project_input``
+    :param step: one time step, ``(gates_x[:, t], h_{t-1}) -> h_t``, e.g. a cell's ``step``
+    :param gates_x: ``[batch, src_len, 3 * hidden]``, e.g. from ``cell.project_input``
     :param mask: ``[batch, src_len]`` bool, True on real tokens
     :param reverse: run from the end of the sentence to its start
     :return: states ``[batch, src_len, hidden]`` (zero on padding) and the
         final state ``[batch, hidden]``
     """
     batch_size, src_len, _ = gates_x.shape
-    h = gates_x.new_zeros(batch_size, cell.hidden_size)
+    h = gates_x.new_zeros(batch_size, gates_x.size(2) // 3)
     steps = range(src_len - 1, -1, -1) if reverse else range(src_len)
     outputs: list[Tensor] = [h] * src_len
     gates_t, real_t = gates_x.unbind(1), mask.unsqueeze(2).unbind(1)  # cheaper backward than [:, t]
     for t in steps:
         real = real_t[t]  # batch x 1
-        h = torch.where(real, cell.step(gates_t[t], h), h)
+        h = torch.where(real, step(gates_t[t], h), h)
         outputs[t] = h
     states = torch.stack(outputs, dim=1) * mask.unsqueeze(2)  # batch x src_len x hidden
     return states, h
