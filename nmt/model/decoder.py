@@ -3,11 +3,11 @@
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import AdditiveAttention
 from nmt.model.cells import CELLS, make_cell
+from nmt.model.dropout import dropout
 from nmt.model.gru import ExactGRUCell
 from nmt.model.loop_weight import LoopWeight
 
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         :return: logits ``[batch, trg_len, vocab]``
         """
         emb = self.embed(trg_in)  # batch x trg_len x emb
-        emb = F.dropout(emb, self.dropout_emb, self.training)
+        emb = dropout(emb, self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
         weights = self._step_weights(emb_gates.dtype)
         states, contexts = [], []
@@ -198,7 +198,7 @@ class Decoder(nn.Module):
         :return: logits ``[batch, vocab]``, new states (same form as ``state``) and
             attention weights ``[batch, src_len]``
         """
-        emb = F.dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
+        emb = dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
         emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
         weights = self._step_weights(emb_gates.dtype)
         state, context, attention = self._recur(emb_gates, state, keys, annotations, src_mask, weights)
@@ -241,7 +241,7 @@ class Decoder(nn.Module):
         else:
             new_states = [self.cells[0].step(gates, first, weights.recurrent(hidden_of(first)))]
         for layer in range(1, self.layers):
-            below = F.dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
+            below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
             new_states.append(self.cells[layer](below, _layer(state, layer)))
         return _stack_layers(new_states), context, attention
 
@@ -258,5 +258,5 @@ class Decoder(nn.Module):
             t = t.unflatten(-1, (self.out_dim, 2)).amax(-1)
         else:
             t = torch.tanh(t)  # ... x out_dim
-        t = F.dropout(t, self.dropout_hidden, self.training)
+        t = dropout(t, self.dropout_hidden, self.training)
         return self.output_layer(t)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.model.cells import CELLS
+from nmt.model.dropout import dropout
 from nmt.model.gru import fused_gru_gates, make_gru_cell, run_gru
 from nmt.model.loop_weight import LoopWeight
 
@@ -77,7 +78,7 @@ class Encoder(nn.Module):
             top layer's final backward state ``[batch, hidden]``, i.e. backward h_1,
             from which the decoder's initial state is computed (appendix A.2.2)
         """
-        x = F.dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
+        x = dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
         if self.cell in ("fused", "lstm"):
             return self._encode_fused(x, src_lengths)
         mask = torch.arange(src.size(1), device=src.device) < src_lengths.unsqueeze(1)
@@ -95,7 +96,7 @@ class Encoder(nn.Module):
         """
         for layer in range(self.layers):
             if layer > 0:  # nn.GRU's dropout between layers
-                x = F.dropout(x, self.dropout_hidden, self.training)
+                x = dropout(x, self.dropout_hidden, self.training)
             states = []
             for suffix in (f"_l{layer}", f"_l{layer}_reverse"):
                 w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, name + suffix)
@@ -128,7 +129,7 @@ class Encoder(nn.Module):
     def _encode_exact(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         for layer, (fwd, bwd) in enumerate(zip(self.forward_cells, self.backward_cells)):
             if layer > 0:
-                x = F.dropout(x, self.dropout_hidden, self.training)
+                x = dropout(x, self.dropout_hidden, self.training)
             forward_states, _ = run_gru(fwd.step, fwd.project_input(x), mask)
             backward_states, backward_h1 = run_gru(bwd.step, bwd.project_input(x), mask, reverse=True)
             x = torch.cat([forward_states, backward_states], dim=2)  # batch x src_len x 2*hidden
