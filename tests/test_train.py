@@ -159,3 +159,31 @@ def test_precision_on_cpu(precision, bf16, name):
     cpu = torch.device("cpu")
     assert setup_precision(precision, cpu) is bf16
     assert precision_name(bf16, cpu) == name
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_cpu_optimizer_is_fused_and_steps_like_the_plain_one(optimizer):
+    """From torch 2.4 the CPU optimizer is PyTorch's fused kernel: the same update as the
+    per-parameter loop."""
+    from types import SimpleNamespace
+
+    from torch.torch_version import TorchVersion
+
+    from nmt.train_utils import make_optimizer
+
+    cfg = SimpleNamespace(optimizer=optimizer, lr=0.01, adam_betas=[0.9, 0.98], weight_decay=0.01)
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(7, 5), torch.nn.Linear(7, 5)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], cfg)
+    plain_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    plain = plain_cls(models[1].parameters(), lr=0.01, betas=(0.9, 0.98), weight_decay=0.01, foreach=False)
+    assert fused.defaults["fused"] is (True if TorchVersion(torch.__version__) >= (2, 4) else None)
+    x = torch.randn(11, 7)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, plain)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
