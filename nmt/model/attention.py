@@ -60,12 +60,20 @@ class AdditiveAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
         v_a = self.energy_layer.weight.squeeze(0).to(keys.dtype)  # attn_dim
-        energies = _Energies.apply(projected_query.to(keys.dtype), keys, v_a)  # batch x src_len
+        query = projected_query.to(keys.dtype)
+        if torch.is_grad_enabled():
+            energies = _Energies.apply(query, keys, v_a)  # batch x src_len
+        else:  # decoding: no backward to prepare for, and fewer operations
+            energies = torch.add(keys, query.unsqueeze(1)).tanh_() @ v_a
         energies = torch.where(mask, energies, float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
         weights = torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len
-        context = _Context.apply(weights.type_as(annotations), annotations)
+        weights_ = weights.type_as(annotations)
+        if torch.is_grad_enabled():
+            context = _Context.apply(weights_, annotations)
+        else:
+            context = torch.bmm(weights_.unsqueeze(1), annotations).squeeze(1)
         return context, weights  # batch x key_size, batch x src_len
 
 
