@@ -61,19 +61,18 @@ class AdditiveAttention(nn.Module):
         """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
         v_a = self.energy_layer.weight.squeeze(0).to(keys.dtype)  # attn_dim
         query = projected_query.to(keys.dtype)
-        if torch.is_grad_enabled():
+        # Decoding has no backward to prepare for: the plain formulas take fewer operations.
+        training = torch.is_grad_enabled()
+        if training:
             energies = _Energies.apply(query, keys, v_a)  # batch x src_len
-        else:  # decoding: no backward to prepare for, and fewer operations
+        else:
             energies = torch.add(keys, query.unsqueeze(1)).tanh_() @ v_a
         energies = torch.where(mask, energies, float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
         weights = torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len
-        weights_ = weights.type_as(annotations)
-        if torch.is_grad_enabled():
-            context = _Context.apply(weights_, annotations)
-        else:
-            context = torch.bmm(weights_.unsqueeze(1), annotations).squeeze(1)
+        a = weights.type_as(annotations)
+        context = _Context.apply(a, annotations) if training else torch.bmm(a.unsqueeze(1), annotations).squeeze(1)
         return context, weights  # batch x key_size, batch x src_len
 
 
