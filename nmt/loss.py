@@ -47,7 +47,7 @@ class _SmoothedCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors  # scaled in place: a loss's backward runs once
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 

@@ -40,7 +40,8 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     # One fused kernel per update instead of several passes per parameter (on a CPU, from
     # torch 2.4: an update of the recipe's model in a quarter of the time).
-    fused = next(model.parameters()).is_cuda or TorchVersion(torch.__version__) >= (2, 4)
+    device = next(model.parameters()).device.type
+    fused = device == "cuda" or (device == "cpu" and TorchVersion(torch.__version__) >= (2, 4))
     return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                fused=fused or None)
 

@@ -19,7 +19,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     the rest by ``1 / (1 - p)`` in training; ``x`` itself otherwise."""
     if not training or p == 0.0:
         return x
-    if x.is_cuda or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
     return _Dropout.apply(x, p)
 
