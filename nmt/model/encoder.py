@@ -1,5 +1,7 @@
 """Bidirectional recurrent encoder (Bahdanau et al. 2015, section 3.2 and appendix A.2.1)."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,45 +81,57 @@ class Encoder(nn.Module):
             from which the decoder's initial state is computed (appendix A.2.2)
         """
         x = dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
-        if self.cell in ("fused", "lstm"):
-            return self._encode_fused(x, src_lengths)
+        # The fused GRU runs in the time loop in training on a CPU (see _encode_loop), and
+        # over packed sequences otherwise (cuDNN on a GPU), as the LSTM always does.
+        in_loop = self.cell == "exact" or (
+            self.cell == "fused" and x.device.type == "cpu" and torch.is_grad_enabled()
+        )
+        if not in_loop:
+            return self._encode_packed(x, src_lengths)
         mask = torch.arange(src.size(1), device=src.device) < src_lengths.unsqueeze(1)
-        return self._encode_exact(x, mask)
+        return self._encode_loop(x, mask)
 
     def _encode_loop(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``self.rnn`` (an ``nn.GRU``) computed in a masked time loop, for training on a CPU.
+        """Every layer and direction in a masked time loop (``run_gru``).
 
-        PyTorch's CPU GRU over packed sequences slices the input gates at every step, and
-        the backward of each slice adds a zero-filled gradient the size of the whole
-        batch: work that grows with the square of the sentence length. Here each step
-        reads a view (``run_gru``), and the recurrent weights' gradients are computed
+        For the fused cell this is ``self.rnn`` (an ``nn.GRU``) computed by hand, for
+        training on a CPU: PyTorch's CPU GRU over packed sequences slices the input gates
+        at every step, and the backward of each slice adds a zero-filled gradient the
+        size of the whole batch, work that grows with the square of the sentence length.
+        Here each step reads a view, and the recurrent weights' gradients are computed
         once per sentence batch (:class:`~nmt.model.loop_weight.LoopWeight`): the
         encoder's forward and backward run 1.4-1.8x faster on one core. Without a
         backward pass to prepare for (decoding), the packed GRU is as fast.
         """
         for layer in range(self.layers):
-            if layer > 0:  # nn.GRU's dropout between layers
+            if layer > 0:  # dropout between layers, as nn.GRU's
                 x = dropout(x, self.dropout_hidden, self.training)
-            states = []
-            for suffix in (f"_l{layer}", f"_l{layer}_reverse"):
-                w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, name + suffix)
-                                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                recurrent = LoopWeight(w_hh, b_hh)  # W_h h + b_h
+            (fwd_input, fwd_step), (bwd_input, bwd_step) = self._directions(layer)
+            forward_states, _ = run_gru(fwd_step, fwd_input(x), mask)
+            backward_states, backward_h1 = run_gru(bwd_step, bwd_input(x), mask, reverse=True)
+            x = torch.cat([forward_states, backward_states], dim=2)  # batch x src_len x 2*hidden
+        return x, backward_h1  # the top layer's backward h_1
 
-                def step(gates_x: Tensor, h: Tensor, recurrent=recurrent) -> Tensor:
-                    return fused_gru_gates(gates_x, recurrent(h), h)
+    def _directions(self, layer: int) -> list[tuple[Callable, Callable]]:
+        """The forward and backward direction of ``layer``, each as its input projection
+        ``x -> W_i x + b_i`` and its step ``(gates_x, h) -> h'``."""
+        if self.cell == "exact":
+            cells = (self.forward_cells[layer], self.backward_cells[layer])
+            return [(cell.project_input, cell.step) for cell in cells]
+        directions = []
+        for suffix in (f"_l{layer}", f"_l{layer}_reverse"):  # nn.GRU's parameter names
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, name + suffix)
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            recurrent = LoopWeight(w_hh, b_hh)  # W_h h + b_h
 
-                reverse = suffix.endswith("reverse")
-                direction_states, final = run_gru(step, F.linear(x, w_ih, b_ih), mask, reverse=reverse)
-                states.append(direction_states)
-            x = torch.cat(states, dim=2)  # batch x src_len x 2*hidden
-        return x, final  # the top layer's backward h_1
+            def project(x: Tensor, w_ih=w_ih, b_ih=b_ih) -> Tensor:
+                return F.linear(x, w_ih, b_ih)
 
-    def _encode_fused(self, x: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
-        if self.cell == "fused" and not x.is_cuda and torch.is_grad_enabled():
-            mask = torch.arange(x.size(1), device=x.device) < src_lengths.to(x.device).unsqueeze(1)
-            return self._encode_loop(x, mask)
-        return self._encode_packed(x, src_lengths)
+            def step(gates_x: Tensor, h: Tensor, recurrent=recurrent) -> Tensor:
+                return fused_gru_gates(gates_x, recurrent(h), h)
+
+            directions.append((project, step))
+        return directions
 
     def _encode_packed(self, x: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
         packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -126,12 +140,3 @@ class Encoder(nn.Module):
             h_n = h_n[0]  # (h_n, c_n): the outputs h, not the memories c
         annotations, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=x.size(1))
         return annotations, h_n[-1]  # the top layer's backward direction comes last
-
-    def _encode_exact(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        for layer, (fwd, bwd) in enumerate(zip(self.forward_cells, self.backward_cells)):
-            if layer > 0:
-                x = dropout(x, self.dropout_hidden, self.training)
-            forward_states, _ = run_gru(fwd.step, fwd.project_input(x), mask)
-            backward_states, backward_h1 = run_gru(bwd.step, bwd.project_input(x), mask, reverse=True)
-            x = torch.cat([forward_states, backward_states], dim=2)  # batch x src_len x 2*hidden
-        return x, backward_h1
