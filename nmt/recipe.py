@@ -147,6 +147,10 @@ class DecodeConfig:
     max_len_a: float = _f(1.5, "maximum output length = a * source length + b", min=0.0)
     max_len_b: int = _f(10, "maximum output length = a * source length + b", min=0)
     batch_size: int = _f(64, "sentences per decoding batch", min=1)
+    precision: str = _f(
+        "fp32", "fp32, or bf16: search under bfloat16 autocast (faster on a CPU with AVX-512 "
+        "bf16 or AMX)", choices=["fp32", "bf16"],
+    )
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def beam_search(
         # beams: rank each beam's words first, then only k x 2k candidates, instead of
         # adding the scores to, and ranking, the whole k x vocabulary.
         per_beam = min(2 * k, log_probs.size(1))
-        beam_scores, beam_tokens = log_probs.topk(per_beam, dim=1)  # n*k x per_beam
+        beam_scores, beam_tokens = top_per_row(log_probs, per_beam)  # n*k x per_beam
         candidates = (scores.view(-1, 1) + beam_scores).view(n, k * per_beam)
         top_scores, top_ids = candidates.topk(2 * k, dim=1)  # n x 2k
         top_tokens = beam_tokens.view(n, k * per_beam).gather(1, top_ids)  # n x 2k
@@ -255,6 +255,36 @@ def beam_search(
 def _max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
     """``int(max_len_a * src_length + max_len_b)`` per sentence: ``[batch]`` long."""
     return (src_lengths.double() * max_len_a + max_len_b).long()
+
+
+def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k, dim=1)``: the ``k`` largest values of every row, largest first,
+    and their columns; on a CPU, faster for rows much wider than ``k``.
+
+    PyTorch's CPU topk copies every row into a buffer of (value, index) pairs before
+    selecting: 6.5 ms for 320 x 8,000 on one core. Here one vectorised pass takes the
+    maximum of every block of ``block`` columns; a row's ``k`` largest values lie in its
+    ``k`` blocks with the largest maxima (a value outside them has ``k`` block maxima at
+    least as large), so topk runs only on those ``k * block`` columns, and on the
+    columns after the last whole block: 2.5 ms. Equal values may come in another order.
+
+    :param scores: ``[rows, columns]``
+    :return: values and column indices, ``[rows, k]`` each
+    """
+    rows, columns = scores.shape
+    blocks = columns // block
+    if scores.device.type != "cpu" or blocks <= 2 * k:  # a GPU's topk is fast; narrow rows gain nothing
+        return scores.topk(k, dim=1)
+    whole = blocks * block
+    maxima = scores[:, :whole].unflatten(1, (blocks, block)).amax(2)  # rows x blocks
+    best_blocks = maxima.topk(k, dim=1).indices  # rows x k
+    offsets = torch.arange(block, device=scores.device)
+    candidates = (best_blocks.unsqueeze(2) * block + offsets).flatten(1)  # rows x k*block
+    if whole < columns:
+        tail = torch.arange(whole, columns, device=scores.device).expand(rows, -1)
+        candidates = torch.cat([candidates, tail], dim=1)
+    values, picked = scores.gather(1, candidates).topk(k, dim=1)
+    return values, candidates.gather(1, picked)
 
 
 def _restrict(log_probs: Tensor, model: Decodable, force_eos: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ class SearchOptions:
     max_len_b: int = 10
     nbest: int = 1
     batch_size: int = 64
+    precision: str = "fp32"  # or "bf16": search under bfloat16 autocast
 
     @classmethod
     def from_recipe(cls, decode, **overrides) -> "SearchOptions":
@@ -37,6 +38,7 @@ class SearchOptions:
             max_len_a=decode.max_len_a,
             max_len_b=decode.max_len_b,
             batch_size=decode.batch_size,
+            precision=decode.precision,
         )
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
@@ -69,9 +71,12 @@ def translate_ids(
 
     Empty sources get an empty hypothesis without running the model.
     """
+    if opts.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {opts.precision!r}")
     results: list[list[Hypothesis] | None] = [None] * len(sources)
     order = sorted((i for i, s in enumerate(sources) if len(s)), key=lambda i: len(sources[i]), reverse=True)
-    with torch.inference_mode():
+    bf16 = opts.precision == "bf16"
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
         for start in range(0, len(order), opts.batch_size):
             chunk = order[start : start + opts.batch_size]
             src, src_lengths = pad([sources[i] for i in chunk], suffix=EOS_ID)

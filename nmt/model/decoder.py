@@ -9,7 +9,7 @@ from nmt.model.attention import AdditiveAttention
 from nmt.model.cells import CELLS, make_cell
 from nmt.model.dropout import dropout
 from nmt.model.gru import ExactGRUCell
-from nmt.model.loop_weight import LoopWeight
+from nmt.model.loop_weight import LoopWeight, autocast_dtype
 
 INIT_STATES = ("bridge", "mean", "zero")
 
@@ -23,6 +23,24 @@ class StepWeights(NamedTuple):
     query: LoopWeight
     context: LoopWeight
     recurrent: LoopWeight | None
+
+
+class DecodingWeights(NamedTuple):
+    """The matrices of :meth:`Decoder.step`, stacked so that the products that read the
+    same input are one matmul: for ``E y_{i-1}`` the layer-1 gates' and the deep
+    output's columns, for ``c_i`` the same, and for ``s_{i-1}`` the attention query's
+    and, in a one-layer decoder whose cell takes ``W_hh h + b_hh`` (PyTorch's GRU layout,
+    LSTM), the recurrent product's. Six matmuls a step become four.
+    """
+
+    embedding: Tensor  # [gates + deep, emb_dim], gates = gate_count * hidden, deep = pool * out_dim
+    embedding_bias: Tensor  # [gates + deep]: the layer-1 input bias and b_t
+    context: Tensor  # [gates + deep, annotation_size]
+    state: Tensor  # [attn_dim (+ gates), hidden]: W_a (and W_hh)
+    state_bias: Tensor | None  # [attn_dim + gates]: zero and b_hh, when W_hh is in ``state``
+    deep_state: Tensor  # [deep, hidden]: the deep output's columns for s_i
+    output: Tensor  # [vocab, out_dim]: W_o
+    output_bias: Tensor  # [vocab]: b_o
 
 # The decoder state of every layer: ``[layers, batch, hidden]`` for a GRU; for an LSTM
 # the pair ``(h, c)`` of two such tensors, outputs and memories.
@@ -187,22 +205,70 @@ class Decoder(nn.Module):
         keys: Tensor,
         annotations: Tensor,
         src_mask: Tensor,
+        weights: DecodingWeights | None = None,
     ) -> tuple[Tensor, DecoderState, Tensor]:
-        """One decoding step.
+        """One decoding step: the equations of :meth:`forward` for one word, with the
+        stacked matrices of :class:`DecodingWeights`.
 
         :param prev_tokens: ``[batch]`` previous words y_{i-1}
         :param state: previous states s_{i-1} (see :meth:`init_state`)
         :param keys: ``[batch, src_len, attn_dim]``
         :param annotations: ``[batch, src_len, annotation_size]``
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
+        :param weights: from :meth:`decoding_weights`, made once per search; made here if None
         :return: logits ``[batch, vocab]``, new states (same form as ``state``) and
             attention weights ``[batch, src_len]``
         """
+        w = weights if weights is not None else self.decoding_weights()
+        dtype = w.state.dtype  # the autocast dtype under autocast
+        gates_size = w.context.size(0) - w.deep_state.size(0)
+        attn_dim = self.attention.query_layer.out_features
         emb = dropout(self.embed(prev_tokens), self.dropout_emb, self.training)  # batch x emb
-        emb_gates = self.cells[0].project_input(emb)  # batch x 3*hidden
-        weights = self._step_weights(emb_gates.dtype)
-        state, context, attention = self._recur(emb_gates, state, keys, annotations, src_mask, weights)
-        return self._output(hidden_of(state)[-1], emb, context), state, attention
+        from_emb = torch.addmm(w.embedding_bias, emb.to(dtype), w.embedding.t())  # batch x gates+deep
+        top = hidden_of(state)[-1].to(dtype)
+        from_state = top @ w.state.t() if w.state_bias is None else torch.addmm(w.state_bias, top, w.state.t())
+        context, attention = self.attention.attend(from_state[:, :attn_dim], keys, annotations, src_mask)
+        # layer-1 gates and the deep output's pre-activation, but for its s_i term
+        from_context = torch.addmm(from_emb, context.to(dtype), w.context.t())  # batch x gates+deep
+        gates, deep = from_context[:, :gates_size], from_context[:, gates_size:]
+        first = _layer(state, 0)
+        if w.state_bias is None:
+            new_states = [self.cells[0].step(gates, first)]
+        else:
+            new_states = [self.cells[0].step(gates, first, from_state[:, attn_dim:])]
+        for layer in range(1, self.layers):
+            below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
+            new_states.append(self.cells[layer](below, _layer(state, layer)))
+        new_state = _stack_layers(new_states)
+        t = torch.addmm(deep, hidden_of(new_states[-1]).to(dtype), w.deep_state.t())
+        logits = torch.addmm(w.output_bias, self._activate(t), w.output.t())
+        return logits, new_state, attention
+
+    def decoding_weights(self) -> DecodingWeights:
+        """The stacked matrices of :meth:`step` (see :class:`DecodingWeights`), cast to the
+        autocast dtype under autocast: make them once per search, not at every step."""
+        cell, deep = self.cells[0], self.deep_output
+        hidden, emb = self.hidden_size, self.emb_dim
+        input_bias = cell.bias if isinstance(cell, ExactGRUCell) else cell.bias_ih
+        query = self.attention.query_layer.weight
+        state, state_bias = query, None
+        if self.layers == 1 and not isinstance(cell, ExactGRUCell):  # one matmul reads s_{i-1}
+            state = torch.cat([query, cell.weight_hh])
+            state_bias = torch.cat([query.new_zeros(query.size(0)), cell.bias_hh])
+        weights = DecodingWeights(
+            embedding=torch.cat([cell.weight_ih[:, :emb], deep.weight[:, hidden : hidden + emb]]),
+            embedding_bias=torch.cat([input_bias, deep.bias]),
+            context=torch.cat([cell.weight_ih[:, emb:], deep.weight[:, hidden + emb :]]),
+            state=state,
+            state_bias=state_bias,
+            deep_state=deep.weight[:, :hidden],
+            output=self.output_layer.weight,
+            output_bias=self.output_layer.bias,
+        )
+        dtype = autocast_dtype(query.device.type)
+        if dtype is None:
+            return weights
+        return DecodingWeights(*(t.to(dtype) if t is not None else None for t in weights))
 
     def _step_weights(self, dtype: torch.dtype) -> StepWeights:
         """The matrices every step multiplies, for one pass over the target (see
@@ -253,10 +319,13 @@ class Decoder(nn.Module):
         :param context: ``[..., annotation_size]`` c_i
         :return: logits ``[..., vocab]``
         """
-        t = self.deep_output(torch.cat([state, emb, context], dim=-1))
+        return self.output_layer(self._activate(self.deep_output(torch.cat([state, emb, context], dim=-1))))
+
+    def _activate(self, t: Tensor) -> Tensor:
+        """The deep output's nonlinearity (tanh, or maxout over pairs of units) and the
+        hidden dropout: ``[..., pool * out_dim]`` -> ``[..., out_dim]``."""
         if self.maxout:  # max over pairs of units (Goodfellow et al. 2013)
             t = t.unflatten(-1, (self.out_dim, 2)).amax(-1)
         else:
             t = torch.tanh(t)  # ... x out_dim
-        t = dropout(t, self.dropout_hidden, self.training)
-        return self.output_layer(t)
+        return dropout(t, self.dropout_hidden, self.training)

@@ -31,7 +31,7 @@ class LoopWeight:
         # hold this list, not the LoopWeight: no reference cycle through the graph.
         self.steps: list[tuple[int, Tensor, Tensor]] = []
         self.deferred = torch.is_grad_enabled() and weight.requires_grad
-        dtype = _autocast_dtype(weight.device.type)
+        dtype = autocast_dtype(weight.device.type)
         if self.deferred and dtype is not None:  # cast once here, not at every step
             weight, bias = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         if self.deferred:  # aliases whose backward runs once, after every step's
@@ -54,7 +54,7 @@ class LoopWeight:
         return x @ self.weight.t() if base is None else torch.addmm(base, x, self.weight.t())
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on this device type, or None when it is off."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.cells import CELLS, gate_count
-from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, map_state
+from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, DecodingWeights, map_state
 from nmt.model.encoder import Encoder
 
 
@@ -23,12 +23,15 @@ class EncoderOutput:
     :ivar keys: ``[batch, src_len, attn_dim]`` the precomputed ``U_a h_j``
     :ivar mask: ``[batch, src_len]`` bool, True on real tokens
     :ivar backward_h1: ``[batch, enc_hidden]`` final backward encoder state
+    :ivar decoding: the decoder's stacked step matrices, made once per batch for search
+        (when gradients are off), else None; :meth:`select` passes them on unchanged
     """
 
     annotations: Tensor
     keys: Tensor
     mask: Tensor
     backward_h1: Tensor
+    decoding: DecodingWeights | None = None
 
     def select(self, index: Tensor) -> "EncoderOutput":
         """Pick sentences along the batch, e.g. to repeat them for beams or to drop
@@ -41,6 +44,7 @@ class EncoderOutput:
             self.keys.index_select(0, index),
             self.mask.index_select(0, index),
             self.backward_h1.index_select(0, index),
+            self.decoding,
         )
 
 
@@ -179,7 +183,8 @@ class Seq2Seq(nn.Module):
         keys = self.decoder.attention.compute_keys(annotations)  # batch x src_len x attn_dim
         # Under autocast the keys come out in its lower precision; cast the annotations
         # once here, not at every decoder step's context product.
-        return EncoderOutput(annotations.to(keys.dtype), keys, mask, backward_h1)
+        decoding = None if torch.is_grad_enabled() else self.decoder.decoding_weights()
+        return EncoderOutput(annotations.to(keys.dtype), keys, mask, backward_h1, decoding)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         """Initial decoder state ``[layers, batch, dec_hidden]`` (for an LSTM a pair
@@ -198,7 +203,7 @@ class Seq2Seq(nn.Module):
             attention weights ``[batch, src_len]``
         """
         logits, state, weights = self.decoder.step(
-            prev_tokens, state, enc.keys, enc.annotations, enc.mask
+            prev_tokens, state, enc.keys, enc.annotations, enc.mask, enc.decoding
         )
         return F.log_softmax(logits.float(), dim=-1), state, weights
 
