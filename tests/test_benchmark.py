@@ -24,7 +24,7 @@ def test_benchmark_reports_training_decoding_memory_and_mfu(tmp_path, trained_ru
     t = result["training"]
     assert t["trg_tokens_per_s"] > 0 and t["trg_tokens_per_s_no_loading"] > 0 and t["seconds_per_epoch"] > 0
     assert 0 < t["mfu"] < 1.5
-    assert [d["beam_size"] for d in result["decoding"]] == [1, 5]
+    assert [(d["beam_size"], d["precision"]) for d in result["decoding"]] == [(1, "fp32"), (5, "fp32")]
     assert all(d["bleu"] > 50 and d["sentences_per_s"] > 0 for d in result["decoding"])
     assert result["peak_rss_mb"] > 0
     table = capsys.readouterr().out

@@ -262,6 +262,7 @@ def test_decoding_under_bfloat16_autocast_is_close_to_float32(cell, layers):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             enc = model.encode(src, src_lengths)
             assert enc.decoding.context.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert enc.keys.dtype == enc.annotations.dtype == torch.float32  # attention in float32
             state, steps = model.init_state(enc), []
             for token in TRG_IN:
                 log_probs, state, _ = model.decode_step(torch.tensor([token, token]), state, enc)

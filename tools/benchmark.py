@@ -152,6 +152,7 @@ def bench_decoding(loaded, sources, refs, recipe, device, beam_size: int) -> dic
     out_tokens = sum(len(ids) + 1 for ids in loaded.trg_tok.encode(hyps))
     return {
         "beam_size": beam_size,
+        "precision": opts.precision,
         "sentences": len(sources),
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # all threads of this process: robust to other load
@@ -265,7 +266,7 @@ def print_table(r: dict) -> None:
     ]
     for d in r["decoding"]:
         name = "greedy" if d["beam_size"] == 1 else f"beam {d['beam_size']}"
-        rows.append((f"decode {name}", f"{d['sentences_per_s']:,.1f} sent/s, {d['trg_tokens_per_s']:,.0f} tok/s, "
+        rows.append((f"decode {name} ({d['precision']})", f"{d['sentences_per_s']:,.1f} sent/s, {d['trg_tokens_per_s']:,.0f} tok/s, "
                                        f"{d['seconds']:.2f} s, BLEU {d['bleu']:.2f} ({d['split']})"))
     rows.append(("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"))
     if r["peak_gpu_mb"] is not None:

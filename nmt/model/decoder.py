@@ -1,5 +1,6 @@
 """Attentional recurrent decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -227,7 +228,9 @@ class Decoder(nn.Module):
         from_emb = torch.addmm(w.embedding_bias, emb.to(dtype), w.embedding.t())  # batch x gates+deep
         top = hidden_of(state)[-1].to(dtype)
         from_state = top @ w.state.t() if w.state_bias is None else torch.addmm(w.state_bias, top, w.state.t())
-        context, attention = self.attention.attend(from_state[:, :attn_dim], keys, annotations, src_mask)
+        # Search under autocast keeps the attention in the keys' float32 (see Seq2Seq.encode).
+        with torch.autocast(keys.device.type, enabled=False) if keys.dtype != dtype else nullcontext():
+            context, attention = self.attention.attend(from_state[:, :attn_dim], keys, annotations, src_mask)
         # layer-1 gates and the deep output's pre-activation, but for its s_i term
         from_context = torch.addmm(from_emb, context.to(dtype), w.context.t())  # batch x gates+deep
         gates, deep = from_context[:, :gates_size], from_context[:, gates_size:]
