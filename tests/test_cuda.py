@@ -88,6 +88,23 @@ def test_beam_search_on_gpu_finds_what_the_cpu_finds():
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
+def test_bf16_decoding_on_gpu_keeps_the_attention_in_float32():
+    torch.manual_seed(2)
+    model = Seq2Seq(src_vocab_size=20, trg_vocab_size=18, emb_dim=8, enc_hidden=6, dec_hidden=10,
+                    attn_dim=5, out_dim=8).eval().to(CUDA)
+    src = torch.randint(4, 20, (3, 5), device=CUDA)
+    lengths = torch.tensor([5, 4, 2], device=CUDA)
+    results = []
+    for bf16 in (False, True):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            enc = model.encode(src, lengths)
+            assert enc.keys.dtype == torch.float32
+            log_probs, _, weights = model.decode_step(torch.full((3,), 2, device=CUDA), model.init_state(enc), enc)
+        assert log_probs.dtype == weights.dtype == torch.float32
+        results.append(log_probs)
+    torch.testing.assert_close(results[1], results[0], atol=0.05, rtol=0.0)
+
+
 def test_auto_precision_uses_tf32_matmuls_and_fp32_does_not():
     from nmt.train_utils import precision_name, setup_precision
 

@@ -210,7 +210,7 @@ class Seq2Seq(nn.Module):
         logits, state, weights = self.decoder.step(
             prev_tokens, state, enc.keys, enc.annotations, enc.mask, enc.decoding
         )
-        return F.log_softmax(logits.float(), dim=-1), state, weights
+        return F.log_softmax(logits, dim=-1, dtype=torch.float32), state, weights
 
     @staticmethod
     def reorder_state(state: DecoderState, index: Tensor) -> DecoderState:
