@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nmt.checkpoint import load_model
 from nmt.cli import app
-from nmt.translate import SearchOptions, Translator, read_lines, translate_stream
+from nmt.translate import SearchOptions, Translator, read_lines, translate_ids, translate_stream
 
 runner = CliRunner()
 
@@ -80,6 +80,18 @@ def test_bf16_decoding_translates_like_fp32(trained_run):
     fp32 = Translator(loaded, SearchOptions(beam_size=3), "cpu").translate_lines(lines)
     bf16 = Translator(loaded, SearchOptions(beam_size=3, precision="bf16"), "cpu").translate_lines(lines)
     assert bf16 == fp32 == ["v1 v2 v3", "v4 v5", "v6 v7 v8 v9", "v3"]
+
+
+def test_batches_searched_in_parallel_give_the_same_results_in_order(trained_run):
+    loaded = load_model(trained_run / "checkpoints" / "best.pt")
+    lines = ["w1 w2 w3", "", "w4 w5", "w6 w7 w8 w9", "w3", "w2 w1", "w9 w8 w7", "w5"]
+    sources = loaded.src_tok.encode(lines)
+    opts = SearchOptions(beam_size=3, nbest=2, batch_size=2)  # 4 batches
+    one = translate_ids(loaded.model, sources, opts, workers=1)
+    three = translate_ids(loaded.model, sources, opts, workers=3)
+    assert [[h.tokens for h in nbest] for nbest in three] == [[h.tokens for h in nbest] for nbest in one]
+    assert [h.score for nbest in three for h in nbest] == pytest.approx([h.score for nbest in one for h in nbest])
+    assert loaded.trg_tok.decode([nbest[0].tokens for nbest in three])[:3] == ["v1 v2 v3", "", "v4 v5"]
 
 
 def test_max_len_ratio_limits_output(trained_run, tmp_path):
