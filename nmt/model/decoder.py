@@ -31,7 +31,8 @@ class DecodingWeights(NamedTuple):
     same input are one matmul: for ``E y_{i-1}`` the layer-1 gates' and the deep
     output's columns, for ``c_i`` the same, and for ``s_{i-1}`` the attention query's
     and, in a one-layer decoder whose cell takes ``W_hh h + b_hh`` (PyTorch's GRU layout,
-    LSTM), the recurrent product's. Six matmuls a step become four.
+    LSTM), the recurrent product's: a one-layer GRU decoder's step runs five matmuls, not
+    six, and those are wider. Search makes them once per batch (``EncoderOutput.decoding``).
     """
 
     embedding: Tensor  # [gates + deep, emb_dim], gates = gate_count * hidden, deep = pool * out_dim
@@ -42,6 +43,7 @@ class DecodingWeights(NamedTuple):
     deep_state: Tensor  # [deep, hidden]: the deep output's columns for s_i
     output: Tensor  # [vocab, out_dim]: W_o
     output_bias: Tensor  # [vocab]: b_o
+
 
 # The decoder state of every layer: ``[layers, batch, hidden]`` for a GRU; for an LSTM
 # the pair ``(h, c)`` of two such tensors, outputs and memories.
