@@ -262,11 +262,11 @@ def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor
     and their columns; on a CPU, faster for rows much wider than ``k``.
 
     PyTorch's CPU topk copies every row into a buffer of (value, index) pairs before
-    selecting: 6.5 ms for 320 x 8,000 on one core. Here one vectorised pass takes the
+    selecting: 6.2-6.5 ms for 320 x 8,000 on one core. Here one vectorised pass takes the
     maximum of every block of ``block`` columns; a row's ``k`` largest values lie in its
     ``k`` blocks with the largest maxima (a value outside them has ``k`` block maxima at
     least as large), so topk runs only on those ``k * block`` columns, and on the
-    columns after the last whole block: 2.5 ms. Equal values may come in another order.
+    columns after the last whole block: 2.7-3.7 ms. Equal values may come in another order.
 
     :param scores: ``[rows, columns]``
     :return: values and column indices, ``[rows, k]`` each
