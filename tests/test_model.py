@@ -8,6 +8,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
+import nmt.model.attention
 import nmt.model.decoder
 from nmt.model import Seq2Seq
 from nmt.model.loop_weight import LoopWeight
@@ -108,6 +109,16 @@ def test_attention_values_and_gradients_match_the_equations():
         c2, a2 = ours()
     torch.testing.assert_close(c2, c0)
     torch.testing.assert_close(a2, a0)
+
+
+@pytest.mark.parametrize("block_elements", [1, 40, 1 << 18])  # rows per block: 1; 2 (the last 1); all 7
+def test_decoding_energies_by_blocks_equal_the_formula(monkeypatch, block_elements):
+    monkeypatch.setattr(nmt.model.attention, "_BLOCK_ELEMENTS", block_elements)
+    generator = torch.Generator().manual_seed(0)
+    query, keys, v_a = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                        for shape in [(7, 5), (7, 3, 5), (5,)])
+    expected = torch.tanh(keys + query.unsqueeze(1)) @ v_a
+    torch.testing.assert_close(nmt.model.attention._blocked_energies(query, keys, v_a), expected)
 
 
 @pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)

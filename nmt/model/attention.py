@@ -20,6 +20,8 @@ class AdditiveAttention(nn.Module):
     have their own backward (:class:`_Energies`, :class:`_Context`): plain autograd
     computes the outer products in their gradients as matmuls with an inner size of 1,
     which on a CPU take several times longer than the broadcast multiplications used here.
+    In decoding on a CPU, the energies are computed block by block
+    (:func:`_blocked_energies`).
     """
 
     def __init__(self, key_size: int, query_size: int, attn_dim: int) -> None:
@@ -61,15 +63,15 @@ class AdditiveAttention(nn.Module):
         """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
         v_a = self.energy_layer.weight.squeeze(0).to(keys.dtype)  # attn_dim
         query = projected_query.to(keys.dtype)
-        # The hand-written backwards are for training on a CPU. Decoding has no backward to
-        # prepare for, and a GPU runs these small steps at the speed it launches kernels:
-        # there the plain formulas, with fewer operations, are faster.
+        # Training on a CPU: the hand-written backwards. Decoding on a CPU: the energies
+        # block by block, in the cache. A GPU runs these small steps at the speed it
+        # launches kernels: there the plain formulas, with the fewest operations.
         on_cpu = keys.device.type == "cpu"
         hand_written = torch.is_grad_enabled() and on_cpu
         if hand_written:
             energies = _Energies.apply(query, keys, v_a)  # batch x src_len
         elif on_cpu:
-            energies = _cached_energies(query, keys, v_a)
+            energies = _blocked_energies(query, keys, v_a)
         else:
             energies = torch.add(keys, query.unsqueeze(1)).tanh_() @ v_a
         energies = torch.where(mask, energies, float("-inf"))
@@ -81,12 +83,12 @@ class AdditiveAttention(nn.Module):
         return context, weights  # batch x key_size, batch x src_len
 
 
-# Elements of the [rows, src_len, attn_dim] block that _cached_energies works on at a time:
+# Elements of the [rows, src_len, attn_dim] block that _blocked_energies works on at a time:
 # 1 MiB of float32, which stays in a core's L2 cache between the block's operations.
 _BLOCK_ELEMENTS = 1 << 18
 
 
-def _cached_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
+def _blocked_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
     """The energies of :class:`_Energies` without a gradient, for decoding on a CPU.
 
     Over the whole ``[batch, src_len, attn_dim]`` tensor, each of the three passes
