@@ -7,10 +7,10 @@ Training: target (and source) tokens per second over `--steps` updates after `--
 once with data loading (collation) inside the timed loop and once with the batches
 collated beforehand; seconds per epoch of the recipe's training split.
 Decoding: sentences and target tokens per second on the recipe's first test split, greedy
-and beam 5 (the recipe's batch size), with the BLEU of each, so that a speed-up cannot
-hide a quality loss. Decoding uses `--checkpoint` when given (a trained model decodes
-realistic lengths); otherwise the briefly trained benchmark model, whose BLEU means
-nothing.
+and beam 5 (the recipe's batch size and `decode.precision`: `--set decode.precision=bf16`
+for bfloat16), with the BLEU of each, so that a speed-up cannot hide a quality loss.
+Decoding uses `--checkpoint` when given (a trained model decodes realistic lengths);
+otherwise the briefly trained benchmark model, whose BLEU means nothing.
 Memory: peak RSS (and peak GPU memory on a GPU).
 MFU: the model's FLOPs per target token (from its shapes, forward + backward = 3x
 forward) times the measured tokens/s, divided by the matmul throughput measured in this
