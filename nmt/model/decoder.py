@@ -238,14 +238,11 @@ class Decoder(nn.Module):
         gates, deep = from_context[:, :gates_size], from_context[:, gates_size:]
         first = _layer(state, 0)
         if w.state_bias is None:
-            new_states = [self.cells[0].step(gates, first)]
+            new_first = self.cells[0].step(gates, first)
         else:
-            new_states = [self.cells[0].step(gates, first, from_state[:, attn_dim:])]
-        for layer in range(1, self.layers):
-            below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
-            new_states.append(self.cells[layer](below, _layer(state, layer)))
-        new_state = _stack_layers(new_states)
-        t = torch.addmm(deep, hidden_of(new_states[-1]).to(dtype), w.deep_state.t())
+            new_first = self.cells[0].step(gates, first, from_state[:, attn_dim:])
+        new_state = self._upper_layers(new_first, state)
+        t = torch.addmm(deep, hidden_of(new_state)[-1].to(dtype), w.deep_state.t())
         logits = torch.addmm(w.output_bias, self._activate(t), w.output.t())
         return logits, new_state, attention
 
@@ -308,13 +305,19 @@ class Decoder(nn.Module):
         gates = weights.context(context, add=emb_gates)  # E y_{i-1} part + W_c c_i
         first = _layer(state, 0)  # layer 1 reads [E y_{i-1}; c_i]
         if weights.recurrent is None:
-            new_states = [self.cells[0].step(gates, first)]
+            new_first = self.cells[0].step(gates, first)
         else:
-            new_states = [self.cells[0].step(gates, first, weights.recurrent(hidden_of(first)))]
+            new_first = self.cells[0].step(gates, first, weights.recurrent(hidden_of(first)))
+        return self._upper_layers(new_first, state), context, attention
+
+    def _upper_layers(self, new_first, state: DecoderState) -> DecoderState:
+        """s_i of every layer from layer 1's new state: each higher layer reads the new
+        state of the layer below (with hidden dropout) and its own s_{i-1} from ``state``."""
+        new_states = [new_first]
         for layer in range(1, self.layers):
             below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
             new_states.append(self.cells[layer](below, _layer(state, layer)))
-        return _stack_layers(new_states), context, attention
+        return _stack_layers(new_states)
 
     def _output(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         """Step 3, the deep output and the output projection, for any leading shape.
