@@ -51,8 +51,10 @@ def test_sigkill_at_random_moments_resumes_to_the_same_parameters(tmp_path):
     """`nmt train recipes/multi30k-tiny.yaml` (shortened) killed with SIGKILL 6 times, two
     of them while a checkpoint is being written, ends with the parameters of a run that
     was never interrupted; no checkpoint in the run folder is ever unreadable."""
-    # Shortened: 30 updates on 3,000 pairs; short validation outputs; no test-split evaluation.
-    args = ["--set", "train.max_steps=30", "--set", "train.valid_every=10", "--set", "train.save_every=3",
+    # Shortened: 60 updates on 3,000 pairs; short validation outputs; no test-split evaluation.
+    # Kills come 1-5 s after a start (about 2.5 s of it starting up), so that the six
+    # attempts end before the run does also on a fast machine: the check below needs them.
+    args = ["--set", "train.max_steps=60", "--set", "train.valid_every=20", "--set", "train.save_every=3",
             "--set", "train.threads=1", "--set", "data.max_train_pairs=3000", "--set", "data.test_splits=[]",
             "--set", "decode.max_len_a=0.2", "--set", "decode.max_len_b=2", "--device", "cpu"]
 
@@ -79,7 +81,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_parameters(tmp_path):
                         break
                     time.sleep(0.001)
             else:
-                time.sleep(rng.uniform(2.0, 8.0))
+                time.sleep(rng.uniform(1.0, 5.0))
             if proc.poll() is None:
                 proc.kill()
                 kills += 1
