@@ -167,21 +167,25 @@ class Seq2Seq(nn.Module):
         """
         if self.training and self.dropout_word > 0:
             src, trg_in = self._word_dropout(src), self._word_dropout(trg_in)
-        enc = self.encode(src, src_lengths)
+        enc = self._encode(src, src_lengths, search=False)  # also for a validation loss without gradients
         state = self.init_state(enc)
         return self.decoder(trg_in, state, enc.keys, enc.annotations, enc.mask)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
-        """Encode the source and precompute the attention keys.
+        """Encode the source and precompute the attention keys; with gradients off
+        (search), also the decoder's stacked step matrices (``EncoderOutput.decoding``).
 
         :param src: ``[batch, src_len]`` source ids, right-padded
         :param src_lengths: ``[batch]`` source lengths (>= 1)
         """
+        return self._encode(src, src_lengths, search=not torch.is_grad_enabled())
+
+    def _encode(self, src: Tensor, src_lengths: Tensor, search: bool) -> EncoderOutput:
         annotations, backward_h1 = self.encoder(src, src_lengths)
         positions = torch.arange(src.size(1), device=src.device)
         mask = positions < src_lengths.unsqueeze(1)  # batch x src_len
         keys = self.decoder.attention.compute_keys(annotations)  # batch x src_len x attn_dim
-        if torch.is_grad_enabled():
+        if not search:
             # Under autocast the keys come out in its lower precision; cast the annotations
             # once here, not at every decoder step's context product.
             return EncoderOutput(annotations.to(keys.dtype), keys, mask, backward_h1)
