@@ -36,7 +36,6 @@ from nmt.data.tokenizer import load_tokenizers
 from nmt.distributed import Dist
 from nmt.distributed import setup as setup_distributed
 from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
-from nmt.loss import smoothed_cross_entropy
 from nmt.model.build import build_model
 from nmt.recipe import Recipe, dump_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
@@ -208,8 +207,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                                      seed=0, epoch=0, shuffle=False):
                 b = {k: v.to(dev) for k, v in collate(valid_set, idx).items()}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(b["src"], b["src_lengths"], b["trg_in"])
-                loss_sum += smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten()).item()
+                    loss_sum += model(b["src"], b["src_lengths"], b["trg_in"], b["trg_out"]).item()
                 n_tok += int((b["trg_out"] != 0).sum())
             hyps = valid_translator.translate_lines(valid_src)
         model.train()
@@ -346,8 +344,7 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, bf16: bool,
         # DDP decides at the forward whether this backward all-reduces: only the last batch's does.
         with (world.no_sync(model, skip=i + 1 < len(batches)),
               torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)):
-            logits = model(b["src"], b["src_lengths"], b["trg_in"])
-        loss = smoothed_cross_entropy(logits.flatten(0, 1), b["trg_out"].flatten(), smoothing=cfg.label_smoothing)
+            loss = model(b["src"], b["src_lengths"], b["trg_in"], b["trg_out"], label_smoothing=cfg.label_smoothing)
         (loss / n_tok_all * world.world_size).backward()
         total += loss.item()
     if cfg.clip_norm > 0:

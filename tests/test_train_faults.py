@@ -18,6 +18,7 @@ import torch
 import nmt.checkpoint
 import nmt.train
 from nmt.checkpoint import load_checkpoint
+from nmt.model import Seq2Seq
 from nmt.train import TrainError, train
 
 from toy import make_recipe
@@ -135,17 +136,25 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
         train(make_recipe(tmp_path, steps=6), tmp_path / "run", device="cpu", evaluate_at_end=False)
 
 
-def nan_on_calls(monkeypatch, bad) -> None:
-    """Make the training loss NaN on the given calls (counted from 1)."""
-    real = nmt.train.smoothed_cross_entropy
+def wrap_training_loss(monkeypatch, change) -> None:
+    """Pass the training loss (``Seq2Seq.forward`` with a target, with gradients) through
+    ``change(loss, call)``, calls counted from 1."""
+    real = Seq2Seq.forward
     calls = [0]
 
-    def loss(logits, target, smoothing=0.0):
+    def forward(self, *args, **kwargs):
+        value = real(self, *args, **kwargs)
+        if not (torch.is_grad_enabled() and (len(args) > 3 or "trg_out" in kwargs)):
+            return value
         calls[0] += 1
-        value = real(logits, target, smoothing=smoothing)
-        return value * float("nan") if bad(calls[0]) else value
+        return change(value, calls[0])
 
-    monkeypatch.setattr(nmt.train, "smoothed_cross_entropy", loss)
+    monkeypatch.setattr(Seq2Seq, "forward", forward)
+
+
+def nan_on_calls(monkeypatch, bad) -> None:
+    """Make the training loss NaN on the given calls (counted from 1)."""
+    wrap_training_loss(monkeypatch, lambda loss, call: loss * float("nan") if bad(call) else loss)
 
 
 def test_nonfinite_updates_are_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -173,8 +182,6 @@ def test_repeated_nonfinite_updates_stop_and_keep_the_last_good_checkpoint(tmp_p
 
 def test_inf_gradient_is_skipped_too(tmp_path, monkeypatch, capsys):
     """A finite loss with an infinite gradient: the parameters stay as they were."""
-    real = nmt.train.smoothed_cross_entropy
-
     class InfGrad(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -184,7 +191,7 @@ def test_inf_gradient_is_skipped_too(tmp_path, monkeypatch, capsys):
         def backward(ctx, grad):
             return grad * float("inf")
 
-    monkeypatch.setattr(nmt.train, "smoothed_cross_entropy", lambda *a, **k: InfGrad.apply(real(*a, **k)))
+    wrap_training_loss(monkeypatch, lambda loss, call: InfGrad.apply(loss))
     recipe = make_recipe(tmp_path, steps=50, extra=["train.save_every=1", "train.max_nonfinite=2"])
     with pytest.raises(TrainError, match="2 updates in a row"):
         train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)

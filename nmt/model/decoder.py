@@ -89,7 +89,8 @@ class Decoder(nn.Module):
 
     In teacher forcing only steps 1 and 2 run in the time loop: the embeddings'
     share of the layer-1 gates is projected for all steps in one matmul beforehand,
-    and step 3 runs on all steps at once afterwards.
+    and step 3 runs on all steps at once afterwards (its last product, the logits, with
+    the loss).
     """
 
     def __init__(
@@ -178,14 +179,16 @@ class Decoder(nn.Module):
     def forward(
         self, trg_in: Tensor, state: DecoderState, keys: Tensor, annotations: Tensor, src_mask: Tensor
     ) -> Tensor:
-        """Teacher forcing over whole target sentences.
+        """Teacher forcing over whole target sentences, up to the output layer: the logits
+        are ``output_layer(t)``, which training computes together with its loss
+        (:func:`nmt.model.output.linear_cross_entropy`).
 
         :param trg_in: ``[batch, trg_len]`` previous words y_{i-1} (bos first)
         :param state: initial state from :meth:`init_state`
         :param keys: ``[batch, src_len, attn_dim]`` precomputed ``U_a h_j``
         :param annotations: ``[batch, src_len, annotation_size]``
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
-        :return: logits ``[batch, trg_len, vocab]``
+        :return: the deep output t_i (after hidden dropout) ``[batch, trg_len, out_dim]``
         """
         emb = self.embed(trg_in)  # batch x trg_len x emb
         emb = dropout(emb, self.dropout_emb, self.training)
@@ -199,7 +202,7 @@ class Decoder(nn.Module):
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
         contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
-        return self._output(states, emb, contexts)
+        return self._activate(self.deep_output(torch.cat([states, emb, contexts], dim=-1)))
 
     def step(
         self,
@@ -318,16 +321,6 @@ class Decoder(nn.Module):
             below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
             new_states.append(self.cells[layer](below, _layer(state, layer)))
         return _stack_layers(new_states)
-
-    def _output(self, state: Tensor, emb: Tensor, context: Tensor) -> Tensor:
-        """Step 3, the deep output and the output projection, for any leading shape.
-
-        :param state: ``[..., hidden]`` top-layer s_i
-        :param emb: ``[..., emb_dim]`` E y_{i-1}
-        :param context: ``[..., annotation_size]`` c_i
-        :return: logits ``[..., vocab]``
-        """
-        return self.output_layer(self._activate(self.deep_output(torch.cat([state, emb, context], dim=-1))))
 
     def _activate(self, t: Tensor) -> Tensor:
         """The deep output's nonlinearity (tanh, or maxout over pairs of units) and the

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model.output import linear_cross_entropy
 from nmt.model.cells import CELLS, gate_count
 from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, DecodingWeights, map_state
 from nmt.model.encoder import Encoder
@@ -157,19 +158,40 @@ class Seq2Seq(nn.Module):
         """The constructor arguments: ``Seq2Seq(**model.config)`` rebuilds the model."""
         return dict(self._config)
 
-    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
-        """Teacher-forced logits.
+    def forward(
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        trg_in: Tensor,
+        trg_out: Tensor | None = None,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> Tensor:
+        """Teacher forcing: the logits, or with ``trg_out`` the training loss.
+
+        The loss is computed with the output layer (:func:`nmt.model.output.linear_cross_entropy`),
+        without holding the logits of the whole batch. It goes through ``forward`` so that
+        DistributedDataParallel sees every parameter used.
 
         :param src: ``[batch, src_len]`` source ids, right-padded with ``pad_id``
         :param src_lengths: ``[batch]`` source lengths (>= 1)
         :param trg_in: ``[batch, trg_len]`` target ids shifted right (``bos_id`` first)
-        :return: logits ``[batch, trg_len, trg_vocab]``
+        :param trg_out: ``[batch, trg_len]`` the words to predict (``trg_in`` shifted left,
+            ``eos_id`` last), ``pad_id`` where there is none
+        :param label_smoothing: epsilon of the label-smoothed loss
+        :return: logits ``[batch, trg_len, trg_vocab]``, or with ``trg_out`` the
+            cross-entropy summed over its tokens other than ``pad_id`` (a float32 scalar)
         """
         if self.training and self.dropout_word > 0:
             src, trg_in = self._word_dropout(src), self._word_dropout(trg_in)
         enc = self._encode(src, src_lengths, search=False)  # also for a validation loss without gradients
         state = self.init_state(enc)
-        return self.decoder(trg_in, state, enc.keys, enc.annotations, enc.mask)
+        features = self.decoder(trg_in, state, enc.keys, enc.annotations, enc.mask)  # batch x trg_len x out_dim
+        output = self.decoder.output_layer
+        if trg_out is None:
+            return output(features)
+        return linear_cross_entropy(features.flatten(0, 1), output.weight, output.bias, trg_out.flatten(),
+                                    smoothing=label_smoothing, ignore_index=self.pad_id)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         """Encode the source and precompute the attention keys; with gradients off
