@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from nmt.model.gru import ExactGRUCell, FusedGRUCell, make_gru_cell, run_gru
+from nmt.model.gru import ExactGRUCell, FusedGRUCell, fused_gru_gates, make_gru_cell, run_gru
 
 
 def cho_gru_reference(cell: ExactGRUCell, xs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -63,6 +63,24 @@ def test_fused_cell_matches_torch_grucell(batch_size):
     for t in range(xs.size(0)):
         h, h_ref = cell.step(gates_x[t], h), reference(xs[t], h_ref)
         torch.testing.assert_close(h, h_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_gates_own_backward_matches_the_formulas_and_numerical_gradients(masked):
+    """With gradients on a CPU, fused_gru_gates runs its own autograd function: the same
+    values as the plain formulas (used without gradients), gradients that pass gradcheck,
+    and on padding rows the old state, with its gradient passed straight through."""
+    torch.manual_seed(0)
+    gates_x, gates_h = (torch.randn(5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    real = torch.tensor([[True], [False], [True], [True], [False]]) if masked else None
+    with torch.no_grad():
+        plain = fused_gru_gates(gates_x, gates_h, h, real)
+    torch.testing.assert_close(fused_gru_gates(gates_x, gates_h, h, real), plain, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda gx, gh, hh: fused_gru_gates(gx, gh, hh, real), (gates_x, gates_h, h))
+    if masked:
+        grads = torch.autograd.grad(fused_gru_gates(gates_x, gates_h, h, real)[1].sum(), (gates_x, gates_h, h))
+        assert grads[0].abs().sum() == grads[1].abs().sum() == 0 and grads[2][1].eq(1).all()
 
 
 @pytest.mark.parametrize("kind", ["exact", "fused"])

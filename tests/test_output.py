@@ -69,3 +69,18 @@ def test_under_bfloat16_autocast_close_to_float32_with_float32_gradients_for_flo
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=0)
     for g, r in zip(grads_ours, grads_ref):
         assert (g - r).norm() < 0.03 * r.norm()
+
+
+def test_gradient_buffers_reused_across_passes_do_not_mix_them():
+    """A backward pass hands its gradient buffer to the next forward pass: passes that
+    overlap (two forward passes, then their backward passes) still get their own."""
+    first, second = inputs(40), inputs(30, vocab=17)
+    with torch.no_grad():
+        second[0].mul_(2)
+    expected = [torch.autograd.grad(reference(*x, 0.1), x[:3]) for x in (first, second)]
+    for _ in range(2):  # the second round starts from a spare buffer
+        losses = [linear_cross_entropy(*x, smoothing=0.1) for x in (first, second)]
+        got = [torch.autograd.grad(loss, x[:3]) for loss, x in reversed(list(zip(losses, (first, second))))]
+        for g, e in zip(reversed(got), expected):
+            for a, b in zip(g, e):
+                torch.testing.assert_close(a, b)

@@ -107,14 +107,16 @@ class Encoder(nn.Module):
             if layer > 0:  # dropout between layers, as nn.GRU's
                 x = dropout(x, self.dropout_hidden, self.training)
             (fwd_input, fwd_step), (bwd_input, bwd_step) = self._directions(layer)
-            forward_states, _ = run_gru(fwd_step, fwd_input(x), mask)
-            backward_states, backward_h1 = run_gru(bwd_step, bwd_input(x), mask, reverse=True)
+            masks = self.cell != "exact"  # the fused cell's step keeps the state on padding itself
+            forward_states, _ = run_gru(fwd_step, fwd_input(x), mask, step_masks=masks)
+            backward_states, backward_h1 = run_gru(bwd_step, bwd_input(x), mask, reverse=True, step_masks=masks)
             x = torch.cat([forward_states, backward_states], dim=2)  # batch x src_len x 2*hidden
         return x, backward_h1  # the top layer's backward h_1
 
     def _directions(self, layer: int) -> list[tuple[Callable, Callable]]:
         """The forward and backward direction of ``layer``, each as its input projection
-        ``x -> W_i x + b_i`` and its step ``(gates_x, h) -> h'``."""
+        ``x -> W_i x + b_i`` and its step: ``(gates_x, h) -> h'`` for the exact cell,
+        ``(gates_x, h, real) -> h'``, keeping ``h`` on padding, for the fused one."""
         if self.cell == "exact":
             cells = (self.forward_cells[layer], self.backward_cells[layer])
             return [(cell.project_input, cell.step) for cell in cells]
@@ -127,8 +129,8 @@ class Encoder(nn.Module):
             def project(x: Tensor, w_ih=w_ih, b_ih=b_ih) -> Tensor:
                 return F.linear(x, w_ih, b_ih)
 
-            def step(gates_x: Tensor, h: Tensor, recurrent=recurrent) -> Tensor:
-                return fused_gru_gates(gates_x, recurrent(h), h)
+            def step(gates_x: Tensor, h: Tensor, real: Tensor, recurrent=recurrent) -> Tensor:
+                return fused_gru_gates(gates_x, recurrent(h), h, real)
 
             directions.append((project, step))
         return directions
