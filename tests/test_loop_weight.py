@@ -41,6 +41,30 @@ def test_gradients_equal_plain_autograd():
         torch.testing.assert_close(got, want)
 
 
+def test_a_batch_of_matrices_as_the_attention_context_gets_plain_autograd_gradients():
+    """The context c_t = a_t^T H at every step, H (batch x src_len x size) the weight:
+    its gradient, summed over the steps, is one batched matmul; the same as autograd's."""
+    torch.manual_seed(0)
+    annotations = torch.randn(3, 5, 4, requires_grad=True)
+    scores = torch.randn(6, 3, 5, requires_grad=True)  # steps x batch x src_len
+    grad = torch.randn(6, 3, 4)
+    results = []
+    for deferred in (False, True):
+        loop = LoopWeight(annotations.mT) if deferred else None
+        contexts = []
+        for s_t in scores.unbind(0):
+            a_t = torch.softmax(s_t, dim=1).unsqueeze(1)  # batch x 1 x src_len
+            contexts.append((loop(a_t) if deferred else torch.bmm(a_t, annotations)).squeeze(1))
+        out = torch.stack(contexts)
+        results.append((out, torch.autograd.grad(out, (annotations, scores), grad)))
+    (plain, plain_grads), (loop_out, loop_grads) = results
+    torch.testing.assert_close(loop_out, plain)
+    for got, want in zip(loop_grads, plain_grads):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="bias"):
+        LoopWeight(annotations, torch.zeros(5))
+
+
 def test_deferred_only_when_the_weight_needs_a_gradient():
     weight = torch.randn(3, 2, requires_grad=True)
     assert LoopWeight(weight).deferred

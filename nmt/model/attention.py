@@ -16,10 +16,12 @@ class AdditiveAttention(nn.Module):
     it once per sentence; each decoder step then costs one ``W_a s_{i-1}``.
     As in the paper, none of the three projections has a bias.
 
-    In training on a CPU, a step's two products with ``[batch, src_len, ...]`` tensors
-    have their own backward (:class:`_Energies`, :class:`_Context`): plain autograd
-    computes the outer products in their gradients as matmuls with an inner size of 1,
-    which on a CPU take several times longer than the broadcast multiplications used here.
+    In training on a CPU, the energies have their own backward (:class:`_Energies`):
+    plain autograd computes the outer product in their gradient as a matmul with an
+    inner size of 1, which on a CPU takes several times longer than the broadcast
+    multiplication used here. (In teacher forcing the decoder computes the context with
+    a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations: their gradient, a sum
+    of outer products over the steps, is one batched matmul after the loop.)
     In decoding on a CPU, the energies are computed block by block
     (:func:`_blocked_energies`).
     """
@@ -61,14 +63,26 @@ class AdditiveAttention(nn.Module):
         self, projected_query: Tensor, keys: Tensor, annotations: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
-        v_a = self.energy_layer.weight.squeeze(0).to(keys.dtype)  # attn_dim
+        weights = self.alignment(projected_query, keys, mask)
+        context = torch.bmm(weights.type_as(annotations).unsqueeze(1), annotations).squeeze(1)
+        return context, weights  # batch x key_size, batch x src_len
+
+    def alignment(self, projected_query: Tensor, keys: Tensor, mask: Tensor, v_a: Tensor | None = None) -> Tensor:
+        """The weights a_ij of :meth:`attend` alone (teacher forcing computes the context
+        with a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations).
+
+        :param v_a: ``[attn_dim]`` this module's ``v_a``, cast once per pass, or None
+        :return: ``[batch, src_len]``, in at least float32
+        """
+        if v_a is None:
+            v_a = self.energy_layer.weight.squeeze(0)  # attn_dim
+        v_a = v_a.to(keys.dtype)
         query = projected_query.to(keys.dtype)
-        # Training on a CPU: the hand-written backwards. Decoding on a CPU: the energies
+        # Training on a CPU: the hand-written backward. Decoding on a CPU: the energies
         # block by block, in the cache. A GPU runs these small steps at the speed it
         # launches kernels: there the plain formulas, with the fewest operations.
         on_cpu = keys.device.type == "cpu"
-        hand_written = torch.is_grad_enabled() and on_cpu
-        if hand_written:
+        if on_cpu and torch.is_grad_enabled():
             energies = _Energies.apply(query, keys, v_a)  # batch x src_len
         elif on_cpu:
             energies = _blocked_energies(query, keys, v_a)
@@ -77,10 +91,7 @@ class AdditiveAttention(nn.Module):
         energies = torch.where(mask, energies, float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
-        weights = torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len
-        a = weights.type_as(annotations)
-        context = _Context.apply(a, annotations) if hand_written else torch.bmm(a.unsqueeze(1), annotations).squeeze(1)
-        return context, weights  # batch x key_size, batch x src_len
+        return torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len
 
 
 # Elements of the [rows, src_len, attn_dim] block that _blocked_energies works on at a time:
@@ -139,21 +150,3 @@ class _Energies(torch.autograd.Function):
             grad = grad.flatten()
             grad_v = 2 * (grad @ hidden.flatten(0, 1)) - grad.sum()
         return grad_pre.sum(1), grad_pre, grad_v
-
-
-class _Context(torch.autograd.Function):
-    """``c_i = sum_j a_ij h_j``: weights ``[batch, src_len]``, annotations ``[batch,
-    src_len, key_size]`` -> ``[batch, key_size]``."""
-
-    @staticmethod
-    def forward(ctx, weights: Tensor, annotations: Tensor) -> Tensor:
-        ctx.save_for_backward(weights, annotations)
-        return torch.bmm(weights.unsqueeze(1), annotations).squeeze(1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        weights, annotations = ctx.saved_tensors
-        grad_weights = torch.bmm(annotations, grad.unsqueeze(2)).squeeze(2)  # batch x src_len
-        grad_annotations = weights.unsqueeze(2) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
-        return grad_weights, grad_annotations

@@ -19,11 +19,14 @@ class StepWeights(NamedTuple):
     """The products each decoder step computes (:class:`LoopWeight`): ``W_a s`` for the
     attention query, ``W_c c`` for the context's share of the layer-1 gates, and
     ``W_hh h + b_hh`` for layer 1's recurrent share (None for the exact GRU, whose step
-    multiplies ``W_hh`` in two parts)."""
+    multiplies ``W_hh`` in two parts); ``a_i^T H`` for the context, with the annotations
+    H as the weight; and the attention's ``v_a``, cast once."""
 
     query: LoopWeight
     context: LoopWeight
     recurrent: LoopWeight | None
+    annotations: LoopWeight
+    energy: Tensor
 
 
 class DecodingWeights(NamedTuple):
@@ -63,6 +66,11 @@ def map_state(state: DecoderState, fn) -> DecoderState:
 def _layer(state: DecoderState, layer: int):
     """One layer's state: ``[batch, hidden]``, or ``(h, c)`` of that shape."""
     return map_state(state, lambda s: s[layer])
+
+
+def _layers(state: DecoderState) -> list:
+    """The per-layer states of a state (see :func:`_layer`)."""
+    return [_layer(state, layer) for layer in range(hidden_of(state).size(0))]
 
 
 def _stack_layers(states: list) -> DecoderState:
@@ -191,14 +199,17 @@ class Decoder(nn.Module):
         :return: the deep output t_i (after hidden dropout) ``[batch, trg_len, out_dim]``
         """
         emb = self.embed(trg_in)  # batch x trg_len x emb
-        emb = dropout(emb, self.dropout_emb, self.training)
+        dtype = autocast_dtype(emb.device.type) or emb.dtype
+        # Under autocast, the embeddings in its dtype once, not in each product that reads them.
+        emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
-        weights = self._step_weights(emb_gates.dtype)
+        weights = self._step_weights(emb_gates.dtype, annotations)
+        layers = _layers(state)  # a list: the steps select no layer from a stacked state
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
         for gates_i in emb_gates.unbind(1):
-            state, context, _ = self._recur(gates_i, state, keys, annotations, src_mask, weights)
-            states.append(hidden_of(state)[-1])
+            layers, context, _ = self._recur(gates_i, layers, keys, annotations, src_mask, weights)
+            states.append(hidden_of(layers[-1]))
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
         contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
@@ -244,7 +255,7 @@ class Decoder(nn.Module):
             new_first = self.cells[0].step(gates, first)
         else:
             new_first = self.cells[0].step(gates, first, from_state[:, attn_dim:])
-        new_state = self._upper_layers(new_first, state)
+        new_state = _stack_layers(self._upper_layers(new_first, _layers(state)))
         t = torch.addmm(deep, hidden_of(new_state)[-1].to(dtype), w.deep_state.t())
         logits = torch.addmm(w.output_bias, self._activate(t), w.output.t())
         return logits, new_state, attention
@@ -275,7 +286,7 @@ class Decoder(nn.Module):
             return weights
         return DecodingWeights(*(t.to(dtype) if t is not None else None for t in weights))
 
-    def _step_weights(self, dtype: torch.dtype) -> StepWeights:
+    def _step_weights(self, dtype: torch.dtype, annotations: Tensor) -> StepWeights:
         """The matrices every step multiplies, for one pass over the target (see
         :mod:`nmt.model.loop_weight`: in training their gradients are computed once)."""
         cell = self.cells[0]
@@ -284,43 +295,46 @@ class Decoder(nn.Module):
         # (.to(dtype): under autocast, cast once rather than at every step.)
         context = cell.weight_ih[:, self.emb_dim :].to(dtype)
         recurrent = None if isinstance(cell, ExactGRUCell) else LoopWeight(cell.weight_hh, cell.bias_hh)
-        return StepWeights(LoopWeight(self.attention.query_layer.weight), LoopWeight(context), recurrent)
+        energy = self.attention.energy_layer.weight.squeeze(0).to(dtype)  # v_a
+        query = LoopWeight(self.attention.query_layer.weight)
+        return StepWeights(query, LoopWeight(context), recurrent, LoopWeight(annotations.mT), energy)
 
     def _recur(
         self,
         emb_gates: Tensor,
-        state: DecoderState,
+        layers: list,
         keys: Tensor,
         annotations: Tensor,
         src_mask: Tensor,
         weights: StepWeights,
-    ) -> tuple[DecoderState, Tensor, Tensor]:
+    ) -> tuple[list, Tensor, Tensor]:
         """Steps 1 and 2: attention from s_{i-1}, then the stacked recurrent update.
 
         :param emb_gates: ``[batch, gates * hidden]`` layer-1 gates from E y_{i-1} (with bias)
-        :param state: s_{i-1}, ``[layers, batch, hidden]`` (a pair of them for an LSTM)
+        :param layers: s_{i-1} of each layer, ``[batch, hidden]`` (a pair of them for an LSTM)
         :param weights: from :meth:`_step_weights`
-        :return: s_i (same form as ``state``), c_i ``[batch, annotation_size]``,
+        :return: s_i of each layer (same form as ``layers``), c_i ``[batch, annotation_size]``,
             a_i ``[batch, src_len]``
         """
-        query = weights.query(hidden_of(state)[-1])  # W_a s_{i-1}
-        context, attention = self.attention.attend(query, keys, annotations, src_mask)
+        query = weights.query(hidden_of(layers[-1]))  # W_a s_{i-1}
+        attention = self.attention.alignment(query, keys, src_mask, weights.energy)  # batch x src_len
+        context = weights.annotations(attention.to(annotations.dtype).unsqueeze(1)).squeeze(1)  # c_i
         gates = weights.context(context, add=emb_gates)  # E y_{i-1} part + W_c c_i
-        first = _layer(state, 0)  # layer 1 reads [E y_{i-1}; c_i]
+        first = layers[0]  # layer 1 reads [E y_{i-1}; c_i]
         if weights.recurrent is None:
             new_first = self.cells[0].step(gates, first)
         else:
             new_first = self.cells[0].step(gates, first, weights.recurrent(hidden_of(first)))
-        return self._upper_layers(new_first, state), context, attention
+        return self._upper_layers(new_first, layers), context, attention
 
-    def _upper_layers(self, new_first, state: DecoderState) -> DecoderState:
+    def _upper_layers(self, new_first, layers: list) -> list:
         """s_i of every layer from layer 1's new state: each higher layer reads the new
-        state of the layer below (with hidden dropout) and its own s_{i-1} from ``state``."""
-        new_states = [new_first]
+        state of the layer below (with hidden dropout) and its own s_{i-1} from ``layers``."""
+        new_layers = [new_first]
         for layer in range(1, self.layers):
-            below = dropout(hidden_of(new_states[-1]), self.dropout_hidden, self.training)
-            new_states.append(self.cells[layer](below, _layer(state, layer)))
-        return _stack_layers(new_states)
+            below = dropout(hidden_of(new_layers[-1]), self.dropout_hidden, self.training)
+            new_layers.append(self.cells[layer](below, layers[layer]))
+        return new_layers
 
     def _activate(self, t: Tensor) -> Tensor:
         """The deep output's nonlinearity (tanh, or maxout over pairs of units) and the

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.model.cells import CELLS
 from nmt.model.dropout import dropout
 from nmt.model.gru import fused_gru_gates, make_gru_cell, run_gru
-from nmt.model.loop_weight import LoopWeight
+from nmt.model.loop_weight import LoopWeight, autocast_dtype
 
 
 class Encoder(nn.Module):
@@ -80,14 +80,16 @@ class Encoder(nn.Module):
             top layer's final backward state ``[batch, hidden]``, i.e. backward h_1,
             from which the decoder's initial state is computed (appendix A.2.2)
         """
-        x = dropout(self.embed(src), self.dropout_emb, self.training)  # batch x src_len x emb
+        x = self.embed(src)  # batch x src_len x emb
         # The fused GRU runs in the time loop in training on a CPU (see _encode_loop), and
         # over packed sequences otherwise (cuDNN on a GPU), as the LSTM always does.
         in_loop = self.cell == "exact" or (
             self.cell == "fused" and x.device.type == "cpu" and torch.is_grad_enabled()
         )
         if not in_loop:
-            return self._encode_packed(x, src_lengths)
+            return self._encode_packed(dropout(x, self.dropout_emb, self.training), src_lengths)
+        # Under autocast, the loop's input in its dtype once, not in each direction's projection.
+        x = dropout(x.to(autocast_dtype(x.device.type) or x.dtype), self.dropout_emb, self.training)
         mask = torch.arange(src.size(1), device=src.device) < src_lengths.unsqueeze(1)
         return self._encode_loop(x, mask)
 

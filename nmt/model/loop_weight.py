@@ -9,6 +9,11 @@ instead, and when the backward pass leaves the loop computes
 for its recurrent weights. The value and the gradients are those of plain autograd, up
 to the order of a sum.
 
+A weight may also be a batch of matrices ``[batch, out, in]``, each step's input then
+``[batch, rows, in]``: the attention's context ``c_i = a_i^T H`` is such a product, with
+the annotations H as the weight, whose gradient ``sum_i a_i g_i^T`` becomes one batched
+matmul instead of an outer product per step.
+
 Under autocast the weight is cast once per forward pass, and the products run in the
 autocast dtype. Without gradients a LoopWeight is just ``add + x W^T + b``. Not
 supported: a second-order gradient through the loop (``create_graph=True``); the
@@ -24,9 +29,12 @@ from torch.autograd.function import once_differentiable
 
 class LoopWeight:
     """``W`` ``[out, in]`` and an optional bias ``b`` ``[out]``, for ``add + x W^T + b``
-    at every step of one forward pass: make one per forward, call it at each step."""
+    at every step of one forward pass: make one per forward, call it at each step.
+    ``W`` may be a batch ``[batch, out, in]`` (without a bias)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        if weight.dim() != 2 and bias is not None:
+            raise ValueError("LoopWeight: a bias goes with a single matrix, not a batch of them")
         # (backward pass id, x_t, g_t), filled by the backward pass. The autograd nodes
         # hold this list, not the LoopWeight: no reference cycle through the graph.
         self.steps: list[tuple[int, Tensor, Tensor]] = []
@@ -42,16 +50,23 @@ class LoopWeight:
     def __call__(self, x: Tensor, add: Tensor | None = None) -> Tensor:
         """``add + x W^T + b``.
 
-        :param x: ``[batch, in]``
+        :param x: ``[batch, in]`` (``[batch, rows, in]`` for a batch of matrices)
         :param add: ``[batch, out]`` or None (a per-step term that gets its gradient as usual)
-        :return: ``[batch, out]``
+        :return: ``[batch, out]`` (``[batch, rows, out]``)
         """
         if add is not None and self.bias is not None:
             raise ValueError("LoopWeight: give either a bias or a per-step add, not both")
         if self.deferred:
             return _Step.apply(x, add, self.weight, self.bias, self.steps)
-        base = add if add is not None else self.bias
-        return x @ self.weight.t() if base is None else torch.addmm(base, x, self.weight.t())
+        return _product(x, add if add is not None else self.bias, self.weight)
+
+
+def _product(x: Tensor, base: Tensor | None, weight: Tensor) -> Tensor:
+    """``base + x W^T``, for one matrix ``W`` or a batch of them."""
+    if weight.dim() == 2:
+        return x @ weight.t() if base is None else torch.addmm(base, x, weight.t())
+    product = torch.bmm(x, weight.mT)
+    return product if base is None else product.add_(base)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -86,9 +101,9 @@ class _Enter(torch.autograd.Function):
         ctx.steps.clear()
         if not steps:
             return None, None, None
-        x = torch.cat([x for x, _ in steps])  # (batch * steps) x in
-        g = torch.cat([g for _, g in steps])  # (batch * steps) x out
-        return None, g.t() @ x, (g.sum(0) if ctx.has_bias else None)
+        x = torch.cat([x for x, _ in steps], dim=-2)  # (batch * steps) x in, or batch x (rows * steps) x in
+        g = torch.cat([g for _, g in steps], dim=-2)  # (batch * steps) x out, ...
+        return None, g.mT @ x, (g.sum(0) if ctx.has_bias else None)
 
 
 class _Step(torch.autograd.Function):
@@ -103,8 +118,7 @@ class _Step(torch.autograd.Function):
         x = x.to(weight.dtype)
         ctx.save_for_backward(x, weight)
         ctx.steps = steps
-        base = add.to(weight.dtype) if add is not None else bias
-        return x @ weight.t() if base is None else torch.addmm(base, x, weight.t())
+        return _product(x, add.to(weight.dtype) if add is not None else bias, weight)
 
     @staticmethod
     @once_differentiable
