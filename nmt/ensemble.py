@@ -51,8 +51,9 @@ class Ensemble:
         return [m.init_state(part) for m, part in zip(self.models, enc.parts)]
 
     def decode_step(self, prev_tokens: Tensor, state: list, enc: EnsembleEncoderOutput) -> tuple[Tensor, list, Tensor]:
-        """:return: mean log-probabilities ``[batch, trg_vocab]``, the members' states,
-        mean attention ``[batch, src_len]``"""
+        """:return: mean log-probabilities ``[batch * k, trg_vocab]``, the members' states,
+        mean attention ``[batch * k, src_len]`` (``k`` rows per sentence of ``enc``, as
+        :meth:`nmt.model.Seq2Seq.decode_step`)"""
         steps = [m.decode_step(prev_tokens, s, part) for m, s, part in zip(self.models, state, enc.parts)]
         if len(steps) == 1:
             return steps[0][0], [steps[0][1]], steps[0][2]

@@ -48,7 +48,10 @@ class Decodable(Protocol):
 
     def decode_step(
         self, prev_tokens: Tensor, state: State, enc: EncoderOutput
-    ) -> tuple[Tensor, State, Tensor]: ...
+    ) -> tuple[Tensor, State, Tensor]:
+        """One step for ``k`` consecutive rows of ``prev_tokens`` and ``state`` per
+        sentence of ``enc`` (``k`` = 1 in greedy search, the beams in beam search)."""
+        ...
 
     def reorder_state(self, state: State, index: Tensor) -> State: ...
 
@@ -180,8 +183,8 @@ def beam_search(
     src_lens = src_lengths.tolist()
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
-    rows = torch.arange(n, device=device).repeat_interleave(k)  # n*k: each sentence k times
-    enc, state = enc.select(rows), model.reorder_state(state, rows)
+    # each sentence's state k times; its encoding once, shared by its beams
+    state = model.reorder_state(state, torch.arange(n, device=device).repeat_interleave(k))
 
     sentence_ids = torch.arange(n, device=device)  # batch sentence -> input sentence
     max_lens = _max_lengths(src_lengths.cpu(), max_len_a, max_len_b)  # n, on the CPU
@@ -241,8 +244,7 @@ def beam_search(
             sentence_ids, max_lens = sentence_ids[keep], max_lens[keep.cpu()]
             n_finished = n_finished[keep]
             n = keep.numel()
-            # all beams of a sentence share its encoding, so any of its rows will do
-            enc = enc.select(live_rows.view(-1))
+            enc = enc.select(keep)
         live_rows, prev_tokens = live_rows.view(-1), live_tokens.view(-1)  # n*k
         state = model.reorder_state(state, live_rows)
         tokens = torch.cat([tokens[live_rows], prev_tokens.unsqueeze(1)], dim=1)

@@ -119,6 +119,30 @@ def test_decoding_energies_by_blocks_equal_the_formula(monkeypatch, block_elemen
                         for shape in [(7, 5), (7, 3, 5), (5,)])
     expected = torch.tanh(keys + query.unsqueeze(1)) @ v_a
     torch.testing.assert_close(nmt.model.attention._blocked_energies(query, keys, v_a), expected)
+    # three query rows (beams) per sentence, against the sentence's keys held once
+    beams = torch.randn(21, 5, generator=generator, dtype=torch.float64)
+    expected = torch.tanh(keys.repeat_interleave(3, 0) + beams.unsqueeze(1)) @ v_a
+    torch.testing.assert_close(nmt.model.attention._blocked_energies(beams, keys, v_a), expected)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_beams_attend_to_their_sentence_held_once(grad):
+    """Beam search keeps each sentence's keys and annotations once for its k beams (k
+    consecutive query rows): the same context and weights as with them repeated."""
+    from nmt.model.attention import AdditiveAttention
+
+    torch.manual_seed(0)
+    attention = AdditiveAttention(key_size=6, query_size=5, attn_dim=4).double()
+    annotations = torch.randn(3, 7, 6, dtype=torch.double)
+    mask = torch.arange(7) < torch.tensor([[7], [3], [5]])
+    keys = attention.compute_keys(annotations)
+    query = torch.randn(12, 5, dtype=torch.double)  # 4 beams per sentence
+    with torch.set_grad_enabled(grad):
+        grouped = attention(query, keys, annotations, mask)
+        repeated = attention(query, *(t.repeat_interleave(4, 0) for t in (keys, annotations, mask)))
+    for got, expected in zip(grouped, repeated):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("cell,layers,init_state,maxout", VARIANTS)

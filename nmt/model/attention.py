@@ -62,36 +62,50 @@ class AdditiveAttention(nn.Module):
     def attend(
         self, projected_query: Tensor, keys: Tensor, annotations: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward` from ``W_a s_{i-1}`` ``[batch, attn_dim]``, already computed."""
-        weights = self.alignment(projected_query, keys, mask)
-        context = torch.bmm(weights.type_as(annotations).unsqueeze(1), annotations).squeeze(1)
-        return context, weights  # batch x key_size, batch x src_len
+        """:meth:`forward` from ``W_a s_{i-1}``, already computed.
+
+        The query may have ``g`` consecutive rows per sentence, ``[batch * g, attn_dim]``
+        (the beams of beam search), all attending to that sentence's keys and
+        annotations, which are then not repeated for every beam: the context is one
+        matmul with ``g`` rows per sentence. The outputs have the query's rows.
+        """
+        weights = self.alignment(projected_query, keys, mask)  # batch*g x src_len
+        batch, src_len = mask.shape
+        a = weights.type_as(annotations).view(batch, -1, src_len)  # batch x g x src_len
+        context = torch.bmm(a, annotations).flatten(0, 1)  # batch*g x key_size
+        return context, weights
 
     def alignment(self, projected_query: Tensor, keys: Tensor, mask: Tensor, v_a: Tensor | None = None) -> Tensor:
         """The weights a_ij of :meth:`attend` alone (teacher forcing computes the context
         with a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations).
 
+        :param projected_query: ``[batch * g, attn_dim]``, ``g`` rows per sentence (see :meth:`attend`)
         :param v_a: ``[attn_dim]`` this module's ``v_a``, cast once per pass, or None
-        :return: ``[batch, src_len]``, in at least float32
+        :return: ``[batch * g, src_len]``, in at least float32
         """
         if v_a is None:
             v_a = self.energy_layer.weight.squeeze(0)  # attn_dim
         v_a = v_a.to(keys.dtype)
         query = projected_query.to(keys.dtype)
+        batch, src_len = mask.shape
+        group = query.size(0) // batch  # query rows per sentence
         # Training on a CPU: the hand-written backward. Decoding on a CPU: the energies
         # block by block, in the cache. A GPU runs these small steps at the speed it
         # launches kernels: there the plain formulas, with the fewest operations.
         on_cpu = keys.device.type == "cpu"
         if on_cpu and torch.is_grad_enabled():
+            if group > 1:  # one query row per sentence, as in teacher forcing
+                keys, mask = keys.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+                batch, group = batch * group, 1
             energies = _Energies.apply(query, keys, v_a)  # batch x src_len
         elif on_cpu:
             energies = _blocked_energies(query, keys, v_a)
         else:
-            energies = torch.add(keys, query.unsqueeze(1)).tanh_() @ v_a
-        energies = torch.where(mask, energies, float("-inf"))
+            energies = torch.add(keys.unsqueeze(1), query.view(batch, group, 1, -1)).tanh_() @ v_a
+        energies = torch.where(mask.unsqueeze(1), energies.view(batch, group, src_len), float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
-        return torch.softmax(energies, dim=1, dtype=dtype)  # batch x src_len
+        return torch.softmax(energies, dim=2, dtype=dtype).view(batch * group, src_len)
 
 
 # Elements of the [rows, src_len, attn_dim] block that _blocked_energies works on at a time:
@@ -100,7 +114,9 @@ _BLOCK_ELEMENTS = 1 << 18
 
 
 def _blocked_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
-    """The energies of :class:`_Energies` without a gradient, for decoding on a CPU.
+    """The energies of :class:`_Energies` without a gradient, for decoding on a CPU:
+    query ``[batch * g, attn_dim]`` (``g`` rows per sentence), keys ``[batch, src_len,
+    attn_dim]`` -> ``[batch * g, src_len]``.
 
     Over the whole ``[batch, src_len, attn_dim]`` tensor, each of the three passes
     (addition, sigmoid, product with ``v_a``) would stream it through memory; here they
@@ -109,16 +125,17 @@ def _blocked_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
     5.4-6.4 ms on one core, 3.2 -> 2.7 ms on two.
     """
     batch, src_len, attn_dim = keys.shape
-    rows = max(1, _BLOCK_ELEMENTS // (src_len * attn_dim))
-    energies = keys.new_empty(batch, src_len)
-    hidden = keys.new_empty(min(rows, batch), src_len, attn_dim)
-    query2, v2 = (2 * query).unsqueeze(1), 2 * v_a
+    group = query.size(0) // batch  # query rows per sentence (beams)
+    rows = max(1, _BLOCK_ELEMENTS // (group * src_len * attn_dim))  # sentences per block
+    energies = keys.new_empty(batch, group, src_len)
+    hidden = keys.new_empty(min(rows, batch), group, src_len, attn_dim)
+    query2, keys, v2 = (2 * query).view(batch, group, 1, attn_dim), keys.unsqueeze(1), 2 * v_a
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
         block = hidden[: stop - start]
         torch.add(query2[start:stop], keys[start:stop], alpha=2, out=block).sigmoid_()
         torch.matmul(block, v2, out=energies[start:stop])
-    return energies.sub_(v_a.sum())
+    return energies.view(batch * group, src_len).sub_(v_a.sum())
 
 
 class _Energies(torch.autograd.Function):

@@ -35,8 +35,8 @@ class EncoderOutput:
     decoding: DecodingWeights | None = None
 
     def select(self, index: Tensor) -> "EncoderOutput":
-        """Pick sentences along the batch, e.g. to repeat them for beams or to drop
-        finished ones.
+        """Pick sentences along the batch, e.g. to drop finished ones (beams share their
+        sentence's row: see :meth:`Seq2Seq.decode_step`).
 
         :param index: ``[n]`` long, batch positions to keep (repeats allowed)
         """
@@ -228,11 +228,13 @@ class Seq2Seq(nn.Module):
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """One decoder step.
 
-        :param prev_tokens: ``[batch]`` previous target ids (``bos_id`` at the start)
-        :param state: from :meth:`init_state` or the previous step
-        :param enc: the (selected) encoder output for this batch
-        :return: log-probabilities ``[batch, trg_vocab]`` (float32), the new state and
-            attention weights ``[batch, src_len]``
+        :param prev_tokens: ``[batch * k]`` previous target ids (``bos_id`` at the start),
+            ``k`` consecutive rows per sentence of ``enc`` (the beams; 1 in greedy search)
+        :param state: from :meth:`init_state` (its rows repeated ``k`` times) or the
+            previous step
+        :param enc: the (selected) encoder output for this batch, one row per sentence
+        :return: log-probabilities ``[batch * k, trg_vocab]`` (float32), the new state and
+            attention weights ``[batch * k, src_len]``
         """
         logits, state, weights = self.decoder.step(
             prev_tokens, state, enc.keys, enc.annotations, enc.mask, enc.decoding
