@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nmt.model.output import linear_cross_entropy
 from nmt.model.cells import CELLS, gate_count
 from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, DecodingWeights, map_state
 from nmt.model.encoder import Encoder
+from nmt.model.output import linear_cross_entropy
 
 
 @dataclass
