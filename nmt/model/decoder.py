@@ -250,12 +250,12 @@ class Decoder(nn.Module):
         # layer-1 gates and the deep output's pre-activation, but for its s_i term
         from_context = torch.addmm(from_emb, context.to(dtype), w.context.t())  # batch x gates+deep
         gates, deep = from_context[:, :gates_size], from_context[:, gates_size:]
-        first = _layer(state, 0)
+        layers = _layers(state)
         if w.state_bias is None:
-            new_first = self.cells[0].step(gates, first)
+            new_first = self.cells[0].step(gates, layers[0])
         else:
-            new_first = self.cells[0].step(gates, first, from_state[:, attn_dim:])
-        new_state = _stack_layers(self._upper_layers(new_first, _layers(state)))
+            new_first = self.cells[0].step(gates, layers[0], from_state[:, attn_dim:])
+        new_state = _stack_layers(self._upper_layers(new_first, layers))
         t = torch.addmm(deep, hidden_of(new_state)[-1].to(dtype), w.deep_state.t())
         logits = torch.addmm(w.output_bias, self._activate(t), w.output.t())
         return logits, new_state, attention
