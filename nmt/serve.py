@@ -21,6 +21,7 @@ import logging
 import math
 import copy
 import re
+import signal
 import socket
 import time
 from contextlib import asynccontextmanager
@@ -335,7 +336,21 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, limits: Serv
         log.info("model: %s", loaded.path)
         log.info("serving on http://%s:%d (max %d sentences per batch, %g ms wait)",
                  shown, sock.getsockname()[1], limits.max_batch, limits.max_wait_ms)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        stopped_by = []  # the signals that stopped the server
+        handle_exit = server.handle_exit
+
+        def record(sig, frame):
+            stopped_by.append(sig)
+            handle_exit(sig, frame)
+
+        server.handle_exit = record  # uvicorn installs server.handle_exit for SIGINT and SIGTERM
+        server.run(sockets=[sock])
+        # uvicorn raises the signal again once it has shut down, and a SIGINT becomes a
+        # KeyboardInterrupt, unless the process was started with SIGINT ignored (a
+        # background job of a shell script): Ctrl-C ends with the same exit either way.
+        if signal.SIGINT in stopped_by:
+            raise KeyboardInterrupt
     finally:
         sock.close()
 

@@ -260,12 +260,16 @@ def test_cli_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     assert no_extra.exit_code == 1 and "pip install 'nmt[serve]'" in no_extra.output
 
 
-def test_serves_over_http_and_stops_on_ctrl_c(trained_run, loaded):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_serves_over_http_and_stops_on_ctrl_c(trained_run, loaded, inherited):
+    """Ctrl-C stops the server gracefully with exit code 130, also when it was started
+    with SIGINT ignored (a background job of a shell script, as `cmd &` runs it)."""
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "nmt", "serve", "--model", str(trained_run), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     try:
         url, log = None, []
         for line in server.stderr:
