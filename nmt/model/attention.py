@@ -1,8 +1,15 @@
 """Additive attention (Bahdanau et al. 2015, section 3.1 and appendix A.1.2)."""
 
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from nmt.model.native import KERNEL_DTYPES, kernels
 
 
 class AdditiveAttention(nn.Module):
@@ -75,37 +82,144 @@ class AdditiveAttention(nn.Module):
         context = torch.bmm(a, annotations).flatten(0, 1)  # batch*g x key_size
         return context, weights
 
-    def alignment(self, projected_query: Tensor, keys: Tensor, mask: Tensor, v_a: Tensor | None = None) -> Tensor:
+    def alignment(
+        self, projected_query: Tensor, keys: Tensor, mask: Tensor, energies: Energies | None = None
+    ) -> Tensor:
         """The weights a_ij of :meth:`attend` alone (teacher forcing computes the context
         with a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations).
 
         :param projected_query: ``[batch * g, attn_dim]``, ``g`` rows per sentence (see :meth:`attend`)
-        :param v_a: ``[attn_dim]`` this module's ``v_a``, cast once per pass, or None
+        :param energies: from :meth:`energies` for these keys, made once per pass; or None
         :return: ``[batch * g, src_len]``, in at least float32
         """
-        if v_a is None:
-            v_a = self.energy_layer.weight.squeeze(0)  # attn_dim
-        v_a = v_a.to(keys.dtype)
-        query = projected_query.to(keys.dtype)
+        energies = (energies or self.energies(keys))(projected_query)  # batch*g x src_len
         batch, src_len = mask.shape
-        group = query.size(0) // batch  # query rows per sentence
-        # Training on a CPU: the hand-written backward. Decoding on a CPU: the energies
-        # block by block, in the cache. A GPU runs these small steps at the speed it
-        # launches kernels: there the plain formulas, with the fewest operations.
-        on_cpu = keys.device.type == "cpu"
-        if on_cpu and torch.is_grad_enabled():
-            if group > 1:  # one query row per sentence, as in teacher forcing
-                keys, mask = keys.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-                batch, group = batch * group, 1
-            energies = _Energies.apply(query, keys, v_a)  # batch x src_len
-        elif on_cpu:
-            energies = _blocked_energies(query, keys, v_a)
-        else:
-            energies = torch.add(keys.unsqueeze(1), query.view(batch, group, 1, -1)).tanh_() @ v_a
-        energies = torch.where(mask.unsqueeze(1), energies.view(batch, group, src_len), float("-inf"))
+        energies = torch.where(mask.unsqueeze(1), energies.view(batch, -1, src_len), float("-inf"))
         # normalise in at least float32, also under bfloat16 autocast
         dtype = torch.promote_types(energies.dtype, torch.float32)
-        return torch.softmax(energies, dim=2, dtype=dtype).view(batch * group, src_len)
+        return torch.softmax(energies, dim=2, dtype=dtype).view(-1, src_len)
+
+    def energies(self, keys: Tensor) -> Energies:
+        """The energies ``e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j)`` over these keys, as a
+        function of the projected query ``[batch * g, attn_dim]`` -> ``[batch * g,
+        src_len]``: in teacher forcing, make it once and call it at every step.
+
+        On a CPU, with the compiled kernels (:mod:`nmt.model.native`): one pass over the
+        keys per step, forward and backward; in training the keys' and v_a's gradients
+        are summed over the steps in float32 and handed to autograd once. Without them,
+        training has :class:`_Energies`' hand-written backward and decoding computes
+        block by block in the cache (:func:`_blocked_energies`). A GPU runs these small
+        steps at the speed it launches kernels: there the plain formulas.
+
+        :param keys: ``[batch, src_len, attn_dim]`` from :meth:`compute_keys`
+        """
+        v_a = self.energy_layer.weight.squeeze(0)  # attn_dim
+        on_cpu = keys.device.type == "cpu"
+        compiled = kernels() if on_cpu and keys.dtype in KERNEL_DTYPES else None
+        if compiled is not None and torch.is_grad_enabled():
+            return _CompiledEnergies(compiled, keys, v_a)
+        v_a = v_a.to(keys.dtype)  # under autocast, cast once
+        if compiled is not None:
+            keys, v_a = keys.contiguous(), v_a.float()
+            return lambda query: compiled.energies_forward(query.to(keys.dtype).contiguous(), keys, v_a)
+        if on_cpu and torch.is_grad_enabled():
+            return functools.partial(_eager_energies, keys=keys, v_a=v_a)
+        if on_cpu:
+            return lambda query: _blocked_energies(query.to(keys.dtype), keys, v_a)
+
+        def plain(query: Tensor) -> Tensor:
+            query = query.to(keys.dtype).view(keys.size(0), -1, 1, keys.size(2))  # batch x g x 1 x attn_dim
+            return (torch.add(keys.unsqueeze(1), query).tanh_() @ v_a).flatten(0, 1)
+
+        return plain
+
+
+Energies = Callable[[Tensor], Tensor]
+
+
+def _eager_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
+    """:class:`_Energies` for ``g`` query rows per sentence: ``[batch * g, src_len]``."""
+    group = query.size(0) // keys.size(0)
+    if group > 1:  # one query row per sentence, as in teacher forcing
+        keys = keys.repeat_interleave(group, 0)
+    return _Energies.apply(query.to(keys.dtype), keys, v_a)
+
+
+class _CompiledEnergies:
+    """The energies of one teacher-forcing pass in training, by the compiled kernels.
+
+    Every step's backward adds the keys' gradient, ``[batch, src_len, attn_dim]``, into one
+    float32 sum for the pass (and v_a's into another) instead of returning its own for
+    autograd to add up; :class:`_HandOver`'s backward, reached after the last step's,
+    returns the sums (as :mod:`nmt.model.loop_weight` does for the weights).
+    """
+
+    def __init__(self, compiled, keys: Tensor, v_a: Tensor) -> None:
+        self.compiled = compiled
+        self.keys, self.v_a = keys.detach().contiguous(), v_a.detach().float()
+        self.sums: dict[int, tuple[Tensor, Tensor]] = {}  # backward pass id -> (keys' sum, v_a's)
+        self.keys_alias, self.v_a_alias = _HandOver.apply(self, keys, v_a)
+
+    def __call__(self, query: Tensor) -> Tensor:
+        if query.size(0) != self.keys.size(0):  # g rows per sentence: the backward takes one
+            return _eager_energies(query, self.keys_alias, self.v_a_alias.to(self.keys.dtype))
+        return _CompiledEnergiesStep.apply(query, self.keys_alias, self.v_a_alias, self)
+
+    def sums_for(self, task: int) -> tuple[Tensor, Tensor]:
+        """The gradient sums of backward pass ``task``, zeros at first."""
+        if task not in self.sums:
+            self.sums[task] = torch.zeros(self.keys.shape), torch.zeros(self.v_a.shape)
+        return self.sums[task]
+
+
+class _HandOver(torch.autograd.Function):
+    """Hands the keys and v_a to the steps of :class:`_CompiledEnergies`; its backward
+    returns their gradients, summed over the steps."""
+
+    @staticmethod
+    def forward(ctx, energies: _CompiledEnergies, keys: Tensor, v_a: Tensor):
+        ctx.energies = energies
+        ctx.set_materialize_grads(False)  # the steps send no gradient here: no zero tensors
+        return keys.view_as(keys), v_a.view_as(v_a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, keys_grad, v_a_grad):
+        # Only this backward pass's sums: one that asked for other gradients alone
+        # (autograd.grad(..., inputs)) may have left its own.
+        sums = ctx.energies.sums.pop(torch._C._current_graph_task_id(), None)
+        if sums is None:
+            return None, keys_grad, v_a_grad
+        keys_sum, v_a_sum = sums
+        if keys_grad is not None:  # the steps that ran without the kernels (g rows per sentence)
+            keys_sum += keys_grad
+        if v_a_grad is not None:
+            v_a_sum += v_a_grad
+        return None, keys_sum.to(ctx.energies.keys.dtype), v_a_sum.to(ctx.energies.v_a.dtype)
+
+
+class _CompiledEnergiesStep(torch.autograd.Function):
+    """One step of :class:`_CompiledEnergies`: query ``[batch, attn_dim]`` -> energies
+    ``[batch, src_len]`` float32."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, keys: Tensor, v_a: Tensor, energies: _CompiledEnergies) -> Tensor:
+        ctx.query_dtype = query.dtype
+        query = query.to(energies.keys.dtype).contiguous()
+        ctx.save_for_backward(query)
+        ctx.energies = energies
+        return energies.compiled.energies_forward(query, energies.keys, energies.v_a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (query,) = ctx.saved_tensors
+        energies = ctx.energies
+        keys_sum, v_a_sum = energies.sums_for(torch._C._current_graph_task_id())
+        grad_query = energies.compiled.energies_backward(
+            query, energies.keys, energies.v_a, grad.float().contiguous(), keys_sum, v_a_sum
+        )
+        return grad_query.to(ctx.query_dtype), None, None, None
 
 
 # Elements of the [rows, src_len, attn_dim] block that _blocked_energies works on at a time:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nmt.model.attention import AdditiveAttention
+from nmt.model.attention import AdditiveAttention, Energies
 from nmt.model.cells import CELLS, make_cell
 from nmt.model.dropout import dropout
 from nmt.model.gru import ExactGRUCell
@@ -20,13 +20,14 @@ class StepWeights(NamedTuple):
     attention query, ``W_c c`` for the context's share of the layer-1 gates, and
     ``W_hh h + b_hh`` for layer 1's recurrent share (None for the exact GRU, whose step
     multiplies ``W_hh`` in two parts); ``a_i^T H`` for the context, with the annotations
-    H as the weight; and the attention's ``v_a``, cast once."""
+    H as the weight; and the attention's energies over the pass's keys
+    (:meth:`AdditiveAttention.energies`)."""
 
     query: LoopWeight
     context: LoopWeight
     recurrent: LoopWeight | None
     annotations: LoopWeight
-    energy: Tensor
+    energies: Energies
 
 
 class DecodingWeights(NamedTuple):
@@ -203,7 +204,7 @@ class Decoder(nn.Module):
         # Under autocast, the embeddings in its dtype once, not in each product that reads them.
         emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
-        weights = self._step_weights(emb_gates.dtype, annotations)
+        weights = self._step_weights(emb_gates.dtype, keys, annotations)
         layers = _layers(state)  # a list: the steps select no layer from a stacked state
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
@@ -286,7 +287,7 @@ class Decoder(nn.Module):
             return weights
         return DecodingWeights(*(t.to(dtype) if t is not None else None for t in weights))
 
-    def _step_weights(self, dtype: torch.dtype, annotations: Tensor) -> StepWeights:
+    def _step_weights(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor) -> StepWeights:
         """The matrices every step multiplies, for one pass over the target (see
         :mod:`nmt.model.loop_weight`: in training their gradients are computed once)."""
         cell = self.cells[0]
@@ -295,9 +296,9 @@ class Decoder(nn.Module):
         # (.to(dtype): under autocast, cast once rather than at every step.)
         context = cell.weight_ih[:, self.emb_dim :].to(dtype)
         recurrent = None if isinstance(cell, ExactGRUCell) else LoopWeight(cell.weight_hh, cell.bias_hh)
-        energy = self.attention.energy_layer.weight.squeeze(0).to(dtype)  # v_a
         query = LoopWeight(self.attention.query_layer.weight)
-        return StepWeights(query, LoopWeight(context), recurrent, LoopWeight(annotations.mT), energy)
+        energies = self.attention.energies(keys)
+        return StepWeights(query, LoopWeight(context), recurrent, LoopWeight(annotations.mT), energies)
 
     def _recur(
         self,
@@ -317,7 +318,7 @@ class Decoder(nn.Module):
             a_i ``[batch, src_len]``
         """
         query = weights.query(hidden_of(layers[-1]))  # W_a s_{i-1}
-        attention = self.attention.alignment(query, keys, src_mask, weights.energy)  # batch x src_len
+        attention = self.attention.alignment(query, keys, src_mask, weights.energies)  # batch x src_len
         context = weights.annotations(attention.to(annotations.dtype).unsqueeze(1)).squeeze(1)  # c_i
         gates = weights.context(context, add=emb_gates)  # E y_{i-1} part + W_c c_i
         first = layers[0]  # layer 1 reads [E y_{i-1}; c_i]

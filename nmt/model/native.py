@@ -1,0 +1,162 @@
+"""The C kernels of ``kernels.c``: compiled on first use, loaded with ctypes.
+
+Training on a CPU spends much of an update in chains of elementwise PyTorch operations,
+each a pass over memory: the attention's energies at every decoder step, and the
+vocabulary-sized softmax of the loss. ``kernels.c`` does each chain in one pass over data
+in the cache. It is plain C with OpenMP, compiled here by the system's C compiler (``CC``,
+else ``cc``) for this machine's CPU (``-march=native``) into a shared library cached under
+``$XDG_CACHE_HOME/nmt/kernels`` (``~/.cache/nmt/kernels``), keyed by the source, the compiler and the CPU:
+about a second, once per machine. It needs no Python headers and no build tools but the
+compiler.
+
+Where there is no compiler, or ``NMT_NATIVE=0`` is set, :func:`kernels` returns None and
+the callers run their PyTorch operations instead: the same values, more slowly. The
+kernels take contiguous CPU tensors of float32 or bfloat16; callers check that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
+LIBS = ["-lm"]
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "energies_forward": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "energies_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
+}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+KERNEL_DTYPES = tuple(_SUFFIX)  # what the kernels store tensors in
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "cpu family", "model\t")
+    return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nmt" / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    """The shared library for this source, compiler and CPU, compiled unless cached."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + LIBS), version, _cpu_signature()]).encode())
+    library = _cache_dir() / f"{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: processes starting together (torchrun's
+    # ranks) each compile, and none loads a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), *LIBS, "-o", tmp], capture_output=True, text=True, check=True)
+        os.replace(tmp, library)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+@functools.cache
+def kernels() -> Kernels | None:
+    """The compiled kernels, or None where they are off (``NMT_NATIVE=0``) or cannot be
+    built (no C compiler, or it failed: logged once)."""
+    if os.environ.get("NMT_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    try:
+        library = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.warning("no compiled CPU kernels (%s: %s); using PyTorch operations, slower",
+                    compiler, detail.strip().splitlines()[-1] if detail.strip() else error)
+        return None
+    return Kernels(library)
+
+
+class Kernels:
+    """Typed entry points of ``kernels.c``; every tensor contiguous, on the CPU."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions = {}
+        for name, argtypes in _SIGNATURES.items():
+            for suffix in _SUFFIX.values():
+                function = getattr(library, f"{name}_{suffix}")
+                function.argtypes, function.restype = argtypes, None
+                self._functions[name, suffix] = function
+
+    def _get(self, name: str, dtype: torch.dtype):
+        return self._functions[name, _SUFFIX[dtype]]
+
+    def energies_forward(self, query: Tensor, keys: Tensor, v: Tensor) -> Tensor:
+        """``v^T tanh(q + k_j)``: query ``[batch * g, attn]`` (``g`` rows per sentence), keys
+        ``[batch, src_len, attn]`` of the query's dtype, v ``[attn]`` float32 -> float32
+        ``[batch * g, src_len]``."""
+        batch, src_len, attn = keys.shape
+        group = query.size(0) // batch
+        energies = torch.empty(query.size(0), src_len)
+        _check(query, keys, v)
+        self._get("energies_forward", keys.dtype)(
+            query.data_ptr(), keys.data_ptr(), v.data_ptr(), energies.data_ptr(), batch, group, src_len, attn,
+            torch.get_num_threads(),
+        )
+        return energies
+
+    def energies_backward(self, query: Tensor, keys: Tensor, v: Tensor, grad: Tensor, grad_keys: Tensor,
+                          grad_v: Tensor) -> Tensor:
+        """The gradients of :meth:`energies_forward` for one query row per sentence, from
+        the energies' gradient ``grad`` ``[batch, src_len]`` float32: returns the query's
+        (float32), and adds the keys' into ``grad_keys`` ``[batch, src_len, attn]`` and v's
+        into ``grad_v`` ``[attn]`` (both float32)."""
+        batch, src_len, attn = keys.shape
+        grad_query = torch.empty(batch, attn)
+        _check(query, keys, v, grad, grad_keys, grad_v)
+        self._get("energies_backward", keys.dtype)(
+            query.data_ptr(), keys.data_ptr(), v.data_ptr(), grad.data_ptr(), grad_query.data_ptr(),
+            grad_keys.data_ptr(), grad_v.data_ptr(), batch, src_len, attn, torch.get_num_threads(),
+        )
+        return grad_query
+
+    def smoothed_ce_(self, logits: Tensor, bias: Tensor, target: Tensor, ignore_index: int, smoothing: float,
+                     losses: Tensor, grad_bias: Tensor | None) -> None:
+        """Per-row label-smoothed cross-entropy of ``logits + bias`` (``[rows, vocab]``,
+        bias ``[vocab]`` float32) into ``losses`` ``[rows]`` float32 (0 on ignored rows);
+        with ``grad_bias`` ``[vocab]`` float32, overwrite the logits with the loss's
+        gradient and add its column sums into ``grad_bias``. ``target``: ``[rows]`` int64."""
+        rows, vocab = logits.shape
+        _check(logits, bias, target, losses, *([grad_bias] if grad_bias is not None else []))
+        self._get("smoothed_ce", logits.dtype)(
+            logits.data_ptr(), bias.data_ptr(), rows, vocab, target.data_ptr(), ignore_index, smoothing,
+            losses.data_ptr(), grad_bias.data_ptr() if grad_bias is not None else None, torch.get_num_threads(),
+        )
+
+
+def _check(*tensors: Tensor) -> None:
+    """The kernels read raw memory: every tensor contiguous and on the CPU."""
+    for tensor in tensors:
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise ValueError(f"compiled kernels take contiguous CPU tensors, got {tensor.device} {tensor.stride()}")

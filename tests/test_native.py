@@ -1,0 +1,143 @@
+"""The compiled CPU kernels (nmt/model/native.py) against the PyTorch operations they
+replace, in value and gradients; and the fallback when they cannot be built."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt.model import attention as attention_module
+from nmt.model import native
+from nmt.model.attention import AdditiveAttention
+from nmt.model.output import linear_cross_entropy
+
+kernels = native.kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="no C compiler: the kernels are not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_energies_forward_equals_the_formula(dtype, group):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(5, 7, 37, generator=g).to(dtype)  # an odd width: the vector loop's tail
+    query = torch.randn(5 * group, 37, generator=g).to(dtype)
+    v = torch.randn(37, generator=g)
+    expected = torch.tanh(keys.double().repeat_interleave(group, 0) + query.double().unsqueeze(1)) @ v.double()
+    torch.testing.assert_close(kernels.energies_forward(query, keys, v).double(), expected, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_gradients_equal_the_plain_formulas(dtype):
+    """Several teacher-forcing steps over the same keys: the kernels' gradients, summed
+    over the steps in float32 and handed over once, against autograd through the plain
+    formulas in float64 on the same (rounded) inputs."""
+    torch.manual_seed(0)
+    attention = AdditiveAttention(key_size=6, query_size=5, attn_dim=37)
+    keys = (torch.randn(3, 7, 37) * 2).to(dtype).requires_grad_()
+    queries = [(torch.randn(3, 37) * 2).to(dtype).requires_grad_() for _ in range(4)]
+    mask = torch.arange(7) < torch.tensor([[7], [3], [5]])
+    probes = [torch.randn(3, 7) for _ in queries]
+
+    def loss(keys, queries, v_a, energies):
+        return sum((attention.alignment(q, keys, mask, energies) * p).sum() for q, p in zip(queries, probes))
+
+    energies = attention.energies(keys)
+    assert isinstance(energies, attention_module._CompiledEnergies)
+    ours = torch.autograd.grad(loss(keys, queries, None, energies), [keys, *queries, attention.energy_layer.weight])
+    v_a = attention.energy_layer.weight.detach().double().squeeze(0).requires_grad_()
+    keys64, queries64 = keys.detach().double().requires_grad_(), [q.detach().double().requires_grad_() for q in queries]
+
+    def plain(query):
+        return torch.tanh(keys64 + query.unsqueeze(1)) @ v_a
+
+    ref = torch.autograd.grad(loss(keys64, queries64, v_a, plain), [keys64, *queries64, v_a])
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    assert [t.dtype for t in ours] == [dtype] * (1 + len(queries)) + [torch.float32]  # the inputs' dtypes
+    for got, expected in zip(ours, ref):
+        torch.testing.assert_close(got.double().view_as(expected), expected, **tolerance)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_and_its_gradient_equal_pytorch_cross_entropy(dtype, smoothing):
+    """The kernel's per-row loss and gradient written over the logits, against PyTorch's
+    cross-entropy in float64 of the same stored logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 1003, generator=g) * 4).to(dtype)
+    bias = torch.randn(1003, generator=g)
+    target = torch.randint(1, 1003, (9,), generator=g)
+    target[4] = 0  # ignored
+    x = (logits.double() + bias.double()).requires_grad_()
+    expected = F.cross_entropy(x, target, ignore_index=0, label_smoothing=smoothing, reduction="none")
+    expected.sum().backward()
+    losses, grad_bias, grad = torch.empty(9), torch.zeros(1003), logits.clone()
+    kernels.smoothed_ce_(grad, bias, target, 0, smoothing, losses, grad_bias)
+    torch.testing.assert_close(losses.double(), expected.detach(), atol=1e-4, rtol=1e-5)
+    atol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16 stores the gradient to 3 digits
+    torch.testing.assert_close(grad.double(), x.grad, atol=atol, rtol=0)
+    torch.testing.assert_close(grad_bias.double(), x.grad.sum(0), atol=1e-5, rtol=1e-5)
+    assert grad[4].abs().max() == 0
+    no_grad_losses = torch.empty(9)
+    kernels.smoothed_ce_(logits.clone(), bias, target, 0, smoothing, no_grad_losses, None)
+    torch.testing.assert_close(no_grad_losses, losses)
+
+
+@needs_kernels
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_loss_is_the_same_with_and_without_kernels(monkeypatch, grad):
+    """linear_cross_entropy in float32 through the kernel and through PyTorch's operations."""
+    g = torch.Generator().manual_seed(0)
+    features, weight = torch.randn(700, 16, generator=g), torch.randn(300, 16, generator=g)
+    bias, target = torch.randn(300, generator=g), torch.randint(0, 300, (700,), generator=g)
+    results = []
+    for compiled in (kernels, None):
+        monkeypatch.setattr("nmt.model.output.kernels", lambda compiled=compiled: compiled)
+        params = [t.clone().requires_grad_(grad) for t in (features, weight, bias)]
+        loss = linear_cross_entropy(*params, target, smoothing=0.1)
+        results.append([loss, *(torch.autograd.grad(loss, params) if grad else [])])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+def test_no_compiler_falls_back_to_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nmt.model.native"):
+            assert native.kernels() is None
+            assert native.kernels() is None
+        assert len(caplog.records) == 1 and "no-such-compiler" in caplog.records[0].getMessage()
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_nmt_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("NMT_NATIVE", "0")
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is None
+        attention = AdditiveAttention(4, 4, 4)
+        with torch.enable_grad():
+            energies = attention.energies(torch.randn(2, 3, 4))
+        assert not isinstance(energies, attention_module._CompiledEnergies)
+    finally:
+        native.kernels.cache_clear()
+
+
+@needs_kernels
+def test_compiled_library_is_cached_and_rebuilt_for_another_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native._compile("cc")
+    assert first.exists() and first.parent == tmp_path / "nmt" / "kernels"
+    stamp = first.stat().st_mtime_ns
+    assert native._compile("cc") == first and first.stat().st_mtime_ns == stamp  # cached
+    changed = tmp_path / "kernels.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native._compile("cc") != first
+    assert [p.suffix for p in (tmp_path / "nmt" / "kernels").iterdir()] == [".so", ".so"]  # no temporary left
