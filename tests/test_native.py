@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from nmt.model import attention as attention_module
 from nmt.model import native
 from nmt.model.attention import AdditiveAttention
+from nmt.model.gru import fused_gru_gates
 from nmt.model.output import linear_cross_entropy
 
 kernels = native.kernels()
@@ -101,6 +102,40 @@ def test_training_loss_is_the_same_with_and_without_kernels(monkeypatch, grad):
         results.append([loss, *(torch.autograd.grad(loss, params) if grad else [])])
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_gru_gates_equal_the_formulas(dtype, masked, grad):
+    """The kernels' GRU step and its gradients against autograd through the plain
+    formulas in float64 on the same stored inputs; the input gates strided, as the
+    encoder's steps of a [batch, src_len, 3 * hidden] projection are, and the mask too."""
+    g = torch.Generator().manual_seed(0)
+    projected = (torch.randn(6, 4, 3 * 37, generator=g) * 2).to(dtype).requires_grad_(grad)
+    gates_x = projected[:, 1]  # rows 4 * 3 * 37 apart
+    gates_h = (torch.randn(6, 3 * 37, generator=g) * 2).to(dtype).requires_grad_(grad)
+    h = torch.randn(6, 37, generator=g).to(dtype).requires_grad_(grad)
+    mask = torch.tensor([[True, True], [True, False], [True, True], [False, False], [True, True], [True, False]])
+    real = mask[:, 1:] if masked else None  # [6, 1], rows 2 apart
+    probe = torch.randn(6, 37, generator=g)
+    inputs64 = [t.detach().double().requires_grad_() for t in (gates_x, gates_h, h)]
+    expected = fused_gru_gates(*inputs64, real)  # float64: the plain formulas
+    expected_grads = torch.autograd.grad((expected * probe).sum(), inputs64)
+    inputs = [gates_x, gates_h, h]
+    with torch.set_grad_enabled(grad):
+        got = fused_gru_gates(*inputs, real)
+    assert got.dtype == dtype and (got.grad_fn is not None) == grad
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.double(), expected.detach(), **tolerance)
+    if masked:
+        assert torch.equal(got[3], h[3]) and torch.equal(got[1], h[1])  # padding keeps the state
+    if grad:
+        for name, ours, theirs in zip(("gates_x", "gates_h", "h"), torch.autograd.grad((got * probe).sum(), inputs),
+                                      expected_grads):
+            assert ours.dtype == dtype
+            torch.testing.assert_close(ours.double(), theirs, **tolerance, msg=name)
 
 
 def test_no_compiler_falls_back_to_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):

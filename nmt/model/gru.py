@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from nmt.model.native import KERNEL_DTYPES, kernels
+
 CELLS = ("exact", "fused")
 
 
@@ -168,6 +170,11 @@ def fused_gru_gates(gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | 
     :return: ``[batch, hidden]`` new state
     """
     same_dtype = gates_x.dtype == gates_h.dtype == h.dtype
+    compiled = kernels() if same_dtype and h.device.type == "cpu" and h.dtype in KERNEL_DTYPES else None
+    if compiled is not None and torch.is_grad_enabled():
+        return _CompiledGRUGates.apply(gates_x, gates_h, h, real, compiled)
+    if compiled is not None:
+        return compiled.gru_forward(gates_x, gates_h, h, real)
     if same_dtype and h.device.type == "cpu" and torch.is_grad_enabled():
         return _FusedGRUGates.apply(gates_x, gates_h, h, real)
     if same_dtype and h.is_cuda:
@@ -225,6 +232,23 @@ class _FusedGRUGates(torch.autograd.Function):
         grad_gates_h[:, : 2 * n] = grad_x[:, : 2 * n]
         torch.mul(pre_n, r, out=grad_gates_h[:, 2 * n :])  # r (W_hn h + b_hn)
         return grad_x, grad_gates_h, grad_h, None
+
+
+class _CompiledGRUGates(torch.autograd.Function):
+    """:func:`fused_gru_gates` by the compiled kernels (:mod:`nmt.model.native`): one pass
+    forward and one backward, the gates recomputed there rather than kept."""
+
+    @staticmethod
+    def forward(ctx, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None, compiled) -> Tensor:
+        ctx.save_for_backward(gates_x, gates_h, h, real)
+        ctx.compiled = compiled
+        return compiled.gru_forward(gates_x, gates_h, h, real)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        gates_x, gates_h, h, real = ctx.saved_tensors
+        return *ctx.compiled.gru_backward(gates_x, gates_h, h, real, grad), None, None
 
 
 GRUCell = ExactGRUCell | FusedGRUCell

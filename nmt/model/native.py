@@ -40,6 +40,8 @@ _SIGNATURES = {
     "energies_forward": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
     "energies_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
+    "gru_forward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
+    "gru_backward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNEL_DTYPES = tuple(_SUFFIX)  # what the kernels store tensors in
@@ -153,6 +155,44 @@ class Kernels:
             logits.data_ptr(), bias.data_ptr(), rows, vocab, target.data_ptr(), ignore_index, smoothing,
             losses.data_ptr(), grad_bias.data_ptr() if grad_bias is not None else None, torch.get_num_threads(),
         )
+
+    def gru_forward(self, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None) -> Tensor:
+        """The new state of :func:`nmt.model.gru.fused_gru_gates` (same arguments; all of one
+        dtype, rows may be strided)."""
+        gates_x, gates_h, h = _rows(gates_x), _rows(gates_h), _rows(h)
+        out = torch.empty(h.shape, dtype=h.dtype)
+        self._get("gru_forward", h.dtype)(
+            *_strided(gates_x, gates_h, h), *_strided_mask(real), out.data_ptr(), h.size(0), h.size(1),
+            torch.get_num_threads(),
+        )
+        return out
+
+    def gru_backward(self, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None,
+                     grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients of :meth:`gru_forward`'s inputs gates_x, gates_h and h from its
+        output's, the gates recomputed."""
+        gates_x, gates_h, h, grad = _rows(gates_x), _rows(gates_h), _rows(h), grad.contiguous()
+        grad_x, grad_gates_h, grad_h = torch.empty_like(gates_h), torch.empty_like(gates_h), torch.empty_like(grad)
+        self._get("gru_backward", h.dtype)(
+            *_strided(gates_x, gates_h, h), *_strided_mask(real), grad.data_ptr(), grad_x.data_ptr(),
+            grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
+        )
+        return grad_x, grad_gates_h, grad_h
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` ``[rows, n]``, each row contiguous (rows may be further apart)."""
+    return t if t.stride(1) == 1 and t.device.type == "cpu" else t.contiguous().cpu()
+
+
+def _strided(*tensors: Tensor) -> list:
+    """Each tensor's data pointer and row stride."""
+    return [x for t in tensors for x in (t.data_ptr(), t.stride(0))]
+
+
+def _strided_mask(real: Tensor | None) -> list:
+    """A ``[rows, 1]`` bool mask's pointer and row stride, or (None, 0)."""
+    return [None, 0] if real is None else [real.data_ptr(), real.stride(0)]
 
 
 def _check(*tensors: Tensor) -> None:
