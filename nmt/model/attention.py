@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from nmt.model import shapes
 from nmt.model.native import KERNEL_DTYPES, kernels
 
 
@@ -50,7 +51,7 @@ class AdditiveAttention(nn.Module):
         :param annotations: ``[batch, src_len, key_size]``
         :return: ``[batch, src_len, attn_dim]``
         """
-        return self.key_layer(annotations)
+        return shapes.linear(annotations, self.key_layer.weight)
 
     def forward(
         self, query: Tensor, keys: Tensor, annotations: Tensor, mask: Tensor

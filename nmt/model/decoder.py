@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from nmt.model import shapes
 from nmt.model.attention import AdditiveAttention, Energies
 from nmt.model.cells import CELLS, make_cell
 from nmt.model.dropout import dropout
@@ -214,7 +215,8 @@ class Decoder(nn.Module):
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
         contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
-        return self._activate(self.deep_output(torch.cat([states, emb, contexts], dim=-1)))
+        deep = self.deep_output
+        return self._activate(shapes.linear(torch.cat([states, emb, contexts], dim=-1), deep.weight, deep.bias))
 
     def step(
         self,

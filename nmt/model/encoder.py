@@ -3,10 +3,10 @@
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from nmt.model import shapes
 from nmt.model.cells import CELLS
 from nmt.model.dropout import dropout
 from nmt.model.gru import fused_gru_gates, make_gru_cell, run_gru
@@ -129,7 +129,7 @@ class Encoder(nn.Module):
             recurrent = LoopWeight(w_hh, b_hh)  # W_h h + b_h
 
             def project(x: Tensor, w_ih=w_ih, b_ih=b_ih) -> Tensor:
-                return F.linear(x, w_ih, b_ih)
+                return shapes.linear(x, w_ih, b_ih)
 
             def step(gates_x: Tensor, h: Tensor, real: Tensor, recurrent=recurrent) -> Tensor:
                 return fused_gru_gates(gates_x, recurrent(h), h, real)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from nmt.model import shapes
 from nmt.model.native import KERNEL_DTYPES, kernels
 
 CELLS = ("exact", "fused")
@@ -66,7 +67,7 @@ class ExactGRUCell(nn.Module):
         :return: ``[..., 3 * hidden]`` gates, order z, r, candidate
         """
         weight = self.weight_ih[:, offset : offset + x.size(-1)]
-        return F.linear(x, weight, self.bias if bias else None)
+        return shapes.linear(x, weight, self.bias if bias else None)
 
     def step(self, gates_x: Tensor, h: Tensor) -> Tensor:
         """One step of Cho et al. (2014) eq. 5-8.
@@ -120,7 +121,7 @@ class TorchLayoutCell(nn.Module):
         :return: ``[..., gates * hidden]``
         """
         weight = self.weight_ih[:, offset : offset + x.size(-1)]
-        return F.linear(x, weight, self.bias_ih if bias else None)
+        return shapes.linear(x, weight, self.bias_ih if bias else None)
 
 
 class FusedGRUCell(TorchLayoutCell):

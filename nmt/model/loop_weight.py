@@ -101,8 +101,11 @@ class _Enter(torch.autograd.Function):
         ctx.steps.clear()
         if not steps:
             return None, None, None
-        x = torch.cat([x for x, _ in steps], dim=-2)  # (batch * steps) x in, or batch x (rows * steps) x in
-        g = torch.cat([g for _, g in steps], dim=-2)  # (batch * steps) x out, ...
+        from nmt.model.shapes import concatenate  # (nmt.model.shapes imports this module)
+
+        # bf16 on a CPU: the rows padded with zeros to few shapes (see nmt.model.shapes)
+        x = concatenate([x for x, _ in steps])  # (batch * steps) x in, or batch x (rows * steps) x in
+        g = concatenate([g for _, g in steps])  # (batch * steps) x out, ...
         return None, g.mT @ x, (g.sum(0) if ctx.has_bias else None)
 
 

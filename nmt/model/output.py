@@ -19,6 +19,7 @@ takes all rows in one block.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -51,14 +52,23 @@ class _LinearSmoothedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, bias: Tensor, target: Tensor, smoothing: float,
                 ignore_index: int) -> Tensor:
-        n, vocab = features.size(0), weight.size(0)
+        rows, vocab = features.size(0), weight.size(0)
+        compiled = kernels() if features.device.type == "cpu" and features.dtype in KERNEL_DTYPES else None
+        if compiled is not None and features.dtype == torch.bfloat16:
+            # Rows padded to whole blocks (zero features, ignored targets): every bf16 matmul
+            # of the loss then has one of a few shapes. oneDNN compiles a kernel for every
+            # new shape, 2-16 ms each for these; every batch would bring new ones.
+            padding = -rows % _COMPILED_BLOCK_ROWS
+            features = F.pad(features, (0, 0, 0, padding))
+            target = F.pad(target, (0, padding), value=ignore_index)
+        n = features.size(0)
+        ctx.rows = rows
         keep = target != ignore_index  # tokens
         need_grad = any(ctx.needs_input_grad[:3])
         grad, ctx.buffer = _buffer(n, vocab, features) if need_grad else (None, None)  # d loss / d logits
         accumulate = torch.promote_types(features.dtype, torch.float32)  # float32, or float64
         bias_grad = torch.zeros(vocab, dtype=accumulate, device=features.device) if need_grad else None
         losses = torch.empty(n, dtype=accumulate, device=features.device)
-        compiled = kernels() if features.device.type == "cpu" and features.dtype in KERNEL_DTYPES else None
         # A GPU reads memory fast and launches kernels slowly: there, one block of all rows.
         block = _BLOCK_ROWS if features.device.type == "cpu" else max(n, 1)
         if compiled is not None:
@@ -96,7 +106,7 @@ class _LinearSmoothedCE(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         grad, features, weight, bias_grad = ctx.saved_tensors
         # grad_output scales the small products, not grad
-        grad_features = (grad @ weight).mul_(grad_output) if ctx.needs_input_grad[0] else None
+        grad_features = (grad @ weight)[: ctx.rows].mul_(grad_output) if ctx.needs_input_grad[0] else None
         grad_weight = (grad.t() @ features).mul_(grad_output) if ctx.needs_input_grad[1] else None
         grad_bias = (bias_grad * grad_output).to(weight.dtype) if ctx.needs_input_grad[2] else None
         _spare[:] = [ctx.buffer]  # for the next forward pass (a second backward pass is not supported)
