@@ -24,14 +24,15 @@ class AdditiveAttention(nn.Module):
     it once per sentence; each decoder step then costs one ``W_a s_{i-1}``.
     As in the paper, none of the three projections has a bias.
 
-    In training on a CPU, the energies have their own backward (:class:`_Energies`):
-    plain autograd computes the outer product in their gradient as a matmul with an
-    inner size of 1, which on a CPU takes several times longer than the broadcast
-    multiplication used here. (In teacher forcing the decoder computes the context with
-    a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations: their gradient, a sum
+    On a CPU the energies come from the compiled kernels of :mod:`nmt.model.native`
+    (one pass over the keys per step, forward and backward; see :meth:`energies`).
+    Without them, training has a hand-written backward (:class:`_Energies`): plain
+    autograd computes the outer product in their gradient as a matmul with an inner size
+    of 1, several times slower on a CPU than the broadcast multiplication used there;
+    and decoding computes them block by block (:func:`_blocked_energies`). (In teacher
+    forcing the decoder computes the context with a
+    :class:`~nmt.model.loop_weight.LoopWeight` of the annotations: their gradient, a sum
     of outer products over the steps, is one batched matmul after the loop.)
-    In decoding on a CPU, the energies are computed block by block
-    (:func:`_blocked_energies`).
     """
 
     def __init__(self, key_size: int, query_size: int, attn_dim: int) -> None:
