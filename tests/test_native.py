@@ -17,48 +17,88 @@ kernels = native.kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="no C compiler: the kernels are not built")
 
 
+def plain_attention(query, keys, v_a, mask, annotations):
+    """The formulas of AdditiveAttention, g query rows per sentence: (context, weights)."""
+    group = query.size(0) // keys.size(0)
+    keys, annotations, mask = (t.repeat_interleave(group, 0) for t in (keys, annotations, mask))
+    energies = torch.tanh(keys + query.unsqueeze(1)) @ v_a
+    weights = torch.softmax(energies.masked_fill(~mask, float("-inf")), dim=1)
+    return (weights.unsqueeze(1) @ annotations).squeeze(1), weights
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3])
-def test_energies_forward_equals_the_formula(dtype, group):
+def test_attention_forward_equals_the_formulas(dtype, group):
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(5, 7, 37, generator=g).to(dtype)  # an odd width: the vector loop's tail
+    annotations = torch.randn(5, 7, 11, generator=g).to(dtype)
     query = torch.randn(5 * group, 37, generator=g).to(dtype)
     v = torch.randn(37, generator=g)
-    expected = torch.tanh(keys.double().repeat_interleave(group, 0) + query.double().unsqueeze(1)) @ v.double()
-    torch.testing.assert_close(kernels.energies_forward(query, keys, v).double(), expected, atol=2e-5, rtol=1e-5)
+    mask = torch.arange(7) < torch.tensor([[7], [3], [5], [1], [6]])
+    context, weights = kernels.attention_forward(query, keys, v, mask, annotations)
+    expected = plain_attention(query.double(), keys.double(), v.double(), mask, annotations.double())
+    assert context.dtype == dtype and weights.dtype == torch.float32
+    assert weights.view(5, group, 7).masked_select(~mask.unsqueeze(1)).eq(0).all()  # exactly 0 on padding
+    torch.testing.assert_close(weights.double(), expected[1], atol=2e-6, rtol=1e-5)
+    context_tolerance = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(context.double(), expected[0], **context_tolerance)
+
+
+@needs_kernels
+def test_decoding_attention_is_the_same_with_and_without_kernels(monkeypatch):
+    torch.manual_seed(0)
+    attention = AdditiveAttention(key_size=6, query_size=5, attn_dim=37)
+    keys, annotations = torch.randn(3, 7, 37), torch.randn(3, 7, 6)
+    query, mask = torch.randn(3 * 4, 37), torch.arange(7) < torch.tensor([[7], [3], [5]])
+    results = []
+    for compiled in (kernels, None):
+        monkeypatch.setattr(attention_module, "kernels", lambda compiled=compiled: compiled)
+        with torch.no_grad():
+            results.append(attention.attend(query, keys, annotations, mask))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_attention_gradients_equal_the_plain_formulas(dtype):
-    """Several teacher-forcing steps over the same keys: the kernels' gradients, summed
-    over the steps in float32 and handed over once, against autograd through the plain
-    formulas in float64 on the same (rounded) inputs."""
+@pytest.mark.parametrize("outputs", ["context", "both"])
+def test_training_attention_gradients_equal_the_plain_formulas(dtype, outputs):
+    """Several teacher-forcing steps over the same keys and annotations: the kernels'
+    gradients, summed over the steps in float32 and handed over once, against autograd
+    through the plain formulas in float64 on the same (rounded) inputs; with a loss of the
+    context alone (no gradient reaches the weights) and of both."""
     torch.manual_seed(0)
     attention = AdditiveAttention(key_size=6, query_size=5, attn_dim=37)
     keys = (torch.randn(3, 7, 37) * 2).to(dtype).requires_grad_()
+    annotations = torch.randn(3, 7, 6).to(dtype).requires_grad_()
     queries = [(torch.randn(3, 37) * 2).to(dtype).requires_grad_() for _ in range(4)]
     mask = torch.arange(7) < torch.tensor([[7], [3], [5]])
-    probes = [torch.randn(3, 7) for _ in queries]
+    probes = [(torch.randn(3, 6), torch.randn(3, 7) if outputs == "both" else 0) for _ in queries]
 
-    def loss(keys, queries, v_a, energies):
-        return sum((attention.alignment(q, keys, mask, energies) * p).sum() for q, p in zip(queries, probes))
+    def loss(attend, queries):
+        total = 0
+        for query, (probe_context, probe_weights) in zip(queries, probes):
+            context, weights = attend(query)
+            total = total + (context * probe_context).sum() + (weights * probe_weights).sum()
+        return total
 
-    energies = attention.energies(keys)
-    assert isinstance(energies, attention_module._CompiledEnergies)
-    ours = torch.autograd.grad(loss(keys, queries, None, energies), [keys, *queries, attention.energy_layer.weight])
+    attend = attention.attender(keys, annotations, mask)
+    assert isinstance(attend, attention_module._CompiledAttention)
+    inputs = [keys, annotations, *queries, attention.energy_layer.weight]
+    ours = torch.autograd.grad(loss(attend, queries), inputs)
     v_a = attention.energy_layer.weight.detach().double().squeeze(0).requires_grad_()
-    keys64, queries64 = keys.detach().double().requires_grad_(), [q.detach().double().requires_grad_() for q in queries]
+    keys64, annotations64 = (t.detach().double().requires_grad_() for t in (keys, annotations))
+    queries64 = [q.detach().double().requires_grad_() for q in queries]
 
     def plain(query):
-        return torch.tanh(keys64 + query.unsqueeze(1)) @ v_a
+        return plain_attention(query, keys64, v_a, mask, annotations64)
 
-    ref = torch.autograd.grad(loss(keys64, queries64, v_a, plain), [keys64, *queries64, v_a])
+    ref = torch.autograd.grad(loss(plain, queries64), [keys64, annotations64, *queries64, v_a])
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
-    assert [t.dtype for t in ours] == [dtype] * (1 + len(queries)) + [torch.float32]  # the inputs' dtypes
+    assert [t.dtype for t in ours] == [dtype] * (2 + len(queries)) + [torch.float32]  # the inputs' dtypes
     for got, expected in zip(ours, ref):
         torch.testing.assert_close(got.double().view_as(expected), expected, **tolerance)
+    assert not attend.sums  # handed over
 
 
 @needs_kernels
@@ -158,8 +198,8 @@ def test_nmt_native_0_turns_the_kernels_off(monkeypatch):
         assert native.kernels() is None
         attention = AdditiveAttention(4, 4, 4)
         with torch.enable_grad():
-            energies = attention.energies(torch.randn(2, 3, 4))
-        assert not isinstance(energies, attention_module._CompiledEnergies)
+            attend = attention.attender(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+        assert not isinstance(attend, attention_module._CompiledAttention)
     finally:
         native.kernels.cache_clear()
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from nmt.model import shapes
+from nmt.model.loop_weight import LoopWeight
 from nmt.model.native import KERNEL_DTYPES, kernels
 
 
@@ -24,15 +25,15 @@ class AdditiveAttention(nn.Module):
     it once per sentence; each decoder step then costs one ``W_a s_{i-1}``.
     As in the paper, none of the three projections has a bias.
 
-    On a CPU the energies come from the compiled kernels of :mod:`nmt.model.native`
-    (one pass over the keys per step, forward and backward; see :meth:`energies`).
-    Without them, training has a hand-written backward (:class:`_Energies`): plain
-    autograd computes the outer product in their gradient as a matmul with an inner size
-    of 1, several times slower on a CPU than the broadcast multiplication used there;
-    and decoding computes them block by block (:func:`_blocked_energies`). (In teacher
-    forcing the decoder computes the context with a
-    :class:`~nmt.model.loop_weight.LoopWeight` of the annotations: their gradient, a sum
-    of outer products over the steps, is one batched matmul after the loop.)
+    On a CPU a step is one call of the compiled kernels of :mod:`nmt.model.native`:
+    energies, softmax and context in one pass over the keys and annotations, forward and
+    backward (:meth:`attend`, :meth:`attender`). Without them, training has a
+    hand-written backward for the energies (:class:`_Energies`): plain autograd computes
+    the outer product in their gradient as a matmul with an inner size of 1, several
+    times slower on a CPU than the broadcast multiplication used there; decoding computes
+    them block by block (:func:`_blocked_energies`); and teacher forcing computes the
+    context with a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations: their
+    gradient, a sum of outer products over the steps, is one batched matmul after the loop.
     """
 
     def __init__(self, key_size: int, query_size: int, attn_dim: int) -> None:
@@ -77,18 +78,46 @@ class AdditiveAttention(nn.Module):
         (the beams of beam search), all attending to that sentence's keys and
         annotations, which are then not repeated for every beam: the context is one
         matmul with ``g`` rows per sentence. The outputs have the query's rows.
+        Without gradients on a CPU, one call of the compiled kernels.
         """
+        compiled = _compiled(keys, annotations)
+        if compiled is not None and not torch.is_grad_enabled():
+            v_a = self.energy_layer.weight.squeeze(0).float()
+            query = projected_query.to(keys.dtype).contiguous()
+            return compiled.attention_forward(query, keys.contiguous(), v_a, mask.contiguous(), annotations.contiguous())
         weights = self.alignment(projected_query, keys, mask)  # batch*g x src_len
         batch, src_len = mask.shape
         a = weights.type_as(annotations).view(batch, -1, src_len)  # batch x g x src_len
         context = torch.bmm(a, annotations).flatten(0, 1)  # batch*g x key_size
         return context, weights
 
+    def attender(self, keys: Tensor, annotations: Tensor, mask: Tensor) -> Attend:
+        """:meth:`attend` over these keys and annotations as a function of the projected
+        query ``[batch, attn_dim]`` (one row per sentence) -> (context, weights): in
+        teacher forcing, make it once and call it at every step.
+
+        In training on a CPU, with the compiled kernels, each step is one call forward and
+        one backward, and the gradients of the keys, the annotations and v_a are summed
+        over the steps in float32 and handed to autograd once (:class:`_CompiledAttention`).
+        Otherwise the energies of :meth:`energies`, the softmax of :meth:`alignment` and
+        the context through a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations.
+        """
+        compiled = _compiled(keys, annotations)
+        if compiled is not None and torch.is_grad_enabled():
+            return _CompiledAttention(compiled, keys, annotations, self.energy_layer.weight.squeeze(0), mask)
+        energies = self.energies(keys)
+        context_weight = LoopWeight(annotations.mT)  # c_i = a_i^T H: H is the weight
+
+        def attend(query: Tensor) -> tuple[Tensor, Tensor]:
+            weights = self.alignment(query, keys, mask, energies)
+            return context_weight(weights.to(annotations.dtype).unsqueeze(1)).squeeze(1), weights
+
+        return attend
+
     def alignment(
         self, projected_query: Tensor, keys: Tensor, mask: Tensor, energies: Energies | None = None
     ) -> Tensor:
-        """The weights a_ij of :meth:`attend` alone (teacher forcing computes the context
-        with a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations).
+        """The weights a_ij of :meth:`attend` alone.
 
         :param projected_query: ``[batch * g, attn_dim]``, ``g`` rows per sentence (see :meth:`attend`)
         :param energies: from :meth:`energies` for these keys, made once per pass; or None
@@ -104,26 +133,15 @@ class AdditiveAttention(nn.Module):
     def energies(self, keys: Tensor) -> Energies:
         """The energies ``e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j)`` over these keys, as a
         function of the projected query ``[batch * g, attn_dim]`` -> ``[batch * g,
-        src_len]``: in teacher forcing, make it once and call it at every step.
-
-        On a CPU, with the compiled kernels (:mod:`nmt.model.native`): one pass over the
-        keys per step, forward and backward; in training the keys' and v_a's gradients
-        are summed over the steps in float32 and handed to autograd once. Without them,
-        training has :class:`_Energies`' hand-written backward and decoding computes
-        block by block in the cache (:func:`_blocked_energies`). A GPU runs these small
+        src_len]``, where the compiled kernels do not run (see :meth:`attend`): in
+        training on a CPU with :class:`_Energies`' hand-written backward; in decoding on a
+        CPU block by block in the cache (:func:`_blocked_energies`). A GPU runs these small
         steps at the speed it launches kernels: there the plain formulas.
 
         :param keys: ``[batch, src_len, attn_dim]`` from :meth:`compute_keys`
         """
-        v_a = self.energy_layer.weight.squeeze(0)  # attn_dim
+        v_a = self.energy_layer.weight.squeeze(0).to(keys.dtype)  # under autocast, cast once
         on_cpu = keys.device.type == "cpu"
-        compiled = kernels() if on_cpu and keys.dtype in KERNEL_DTYPES else None
-        if compiled is not None and torch.is_grad_enabled():
-            return _CompiledEnergies(compiled, keys, v_a)
-        v_a = v_a.to(keys.dtype)  # under autocast, cast once
-        if compiled is not None:
-            keys, v_a = keys.contiguous(), v_a.float()
-            return lambda query: compiled.energies_forward(query.to(keys.dtype).contiguous(), keys, v_a)
         if on_cpu and torch.is_grad_enabled():
             return functools.partial(_eager_energies, keys=keys, v_a=v_a)
         if on_cpu:
@@ -137,6 +155,15 @@ class AdditiveAttention(nn.Module):
 
 
 Energies = Callable[[Tensor], Tensor]
+Attend = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _compiled(keys: Tensor, annotations: Tensor):
+    """The compiled kernels, where they take these keys and annotations: on a CPU, of one
+    dtype they store."""
+    if keys.device.type != "cpu" or keys.dtype not in KERNEL_DTYPES or annotations.dtype != keys.dtype:
+        return None
+    return kernels()
 
 
 def _eager_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
@@ -147,81 +174,93 @@ def _eager_energies(query: Tensor, keys: Tensor, v_a: Tensor) -> Tensor:
     return _Energies.apply(query.to(keys.dtype), keys, v_a)
 
 
-class _CompiledEnergies:
-    """The energies of one teacher-forcing pass in training, by the compiled kernels.
+class _CompiledAttention:
+    """The attention of one teacher-forcing pass in training, by the compiled kernels.
 
-    Every step's backward adds the keys' gradient, ``[batch, src_len, attn_dim]``, into one
-    float32 sum for the pass (and v_a's into another) instead of returning its own for
-    autograd to add up; :class:`_HandOver`'s backward, reached after the last step's,
-    returns the sums (as :mod:`nmt.model.loop_weight` does for the weights).
+    Every step's backward adds the gradients of the keys and annotations, ``[batch,
+    src_len, ...]``, into one float32 sum each for the pass (and v_a's into another)
+    instead of returning its own for autograd to add up; :class:`_HandOver`'s backward,
+    reached after the last step's, returns the sums (as :mod:`nmt.model.loop_weight`
+    does for the weights).
     """
 
-    def __init__(self, compiled, keys: Tensor, v_a: Tensor) -> None:
+    def __init__(self, compiled, keys: Tensor, annotations: Tensor, v_a: Tensor, mask: Tensor) -> None:
         self.compiled = compiled
-        self.keys, self.v_a = keys.detach().contiguous(), v_a.detach().float()
-        self.sums: dict[int, tuple[Tensor, Tensor]] = {}  # backward pass id -> (keys' sum, v_a's)
-        self.keys_alias, self.v_a_alias = _HandOver.apply(self, keys, v_a)
+        self.keys, self.annotations = keys.detach().contiguous(), annotations.detach().contiguous()
+        self.v_a, self.mask = v_a.detach().float(), mask.contiguous()
+        self.sums: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # backward pass id -> gradient sums
+        self.aliases = _HandOver.apply(self, keys, annotations, v_a)
 
-    def __call__(self, query: Tensor) -> Tensor:
-        if query.size(0) != self.keys.size(0):  # g rows per sentence: the backward takes one
-            return _eager_energies(query, self.keys_alias, self.v_a_alias.to(self.keys.dtype))
-        return _CompiledEnergiesStep.apply(query, self.keys_alias, self.v_a_alias, self)
+    def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        if query.size(0) != self.keys.size(0):
+            raise ValueError(f"teacher forcing attends with one query row per sentence, got {query.size(0)} rows "
+                             f"for {self.keys.size(0)} sentences")
+        return _CompiledAttentionStep.apply(query, *self.aliases, self)
 
-    def sums_for(self, task: int) -> tuple[Tensor, Tensor]:
-        """The gradient sums of backward pass ``task``, zeros at first."""
+    def sums_for(self, task: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradient sums (keys, annotations, v_a) of backward pass ``task``, zeros at first."""
         if task not in self.sums:
-            self.sums[task] = torch.zeros(self.keys.shape), torch.zeros(self.v_a.shape)
+            self.sums[task] = tuple(torch.zeros(t.shape) for t in (self.keys, self.annotations, self.v_a))
         return self.sums[task]
 
 
 class _HandOver(torch.autograd.Function):
-    """Hands the keys and v_a to the steps of :class:`_CompiledEnergies`; its backward
-    returns their gradients, summed over the steps."""
+    """Hands the keys, annotations and v_a to the steps of :class:`_CompiledAttention`;
+    its backward returns their gradients, summed over the steps."""
 
     @staticmethod
-    def forward(ctx, energies: _CompiledEnergies, keys: Tensor, v_a: Tensor):
-        ctx.energies = energies
+    def forward(ctx, attention: _CompiledAttention, keys: Tensor, annotations: Tensor, v_a: Tensor):
+        ctx.attention = attention
         ctx.set_materialize_grads(False)  # the steps send no gradient here: no zero tensors
-        return keys.view_as(keys), v_a.view_as(v_a)
+        return keys.view_as(keys), annotations.view_as(annotations), v_a.view_as(v_a)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, keys_grad, v_a_grad):
+    def backward(ctx, *grads):
         # Only this backward pass's sums: one that asked for other gradients alone
         # (autograd.grad(..., inputs)) may have left its own.
-        sums = ctx.energies.sums.pop(torch._C._current_graph_task_id(), None)
+        attention = ctx.attention
+        sums = attention.sums.pop(torch._C._current_graph_task_id(), None)
         if sums is None:
-            return None, keys_grad, v_a_grad
-        keys_sum, v_a_sum = sums
-        if keys_grad is not None:  # the steps that ran without the kernels (g rows per sentence)
-            keys_sum += keys_grad
-        if v_a_grad is not None:
-            v_a_sum += v_a_grad
-        return None, keys_sum.to(ctx.energies.keys.dtype), v_a_sum.to(ctx.energies.v_a.dtype)
+            return None, *grads
+        dtypes = (attention.keys.dtype, attention.annotations.dtype, attention.v_a.dtype)
+        return None, *((s if g is None else s.add_(g)).to(d) for s, g, d in zip(sums, grads, dtypes))
 
 
-class _CompiledEnergiesStep(torch.autograd.Function):
-    """One step of :class:`_CompiledEnergies`: query ``[batch, attn_dim]`` -> energies
-    ``[batch, src_len]`` float32."""
+class _CompiledAttentionStep(torch.autograd.Function):
+    """One step of :class:`_CompiledAttention`: query ``[batch, attn_dim]`` -> context
+    ``[batch, key_size]`` (the annotations' dtype) and weights ``[batch, src_len]``
+    float32."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, keys: Tensor, v_a: Tensor, energies: _CompiledEnergies) -> Tensor:
+    def forward(ctx, query: Tensor, keys: Tensor, annotations: Tensor, v_a: Tensor, attention: _CompiledAttention):
         ctx.query_dtype = query.dtype
-        query = query.to(energies.keys.dtype).contiguous()
-        ctx.save_for_backward(query)
-        ctx.energies = energies
-        return energies.compiled.energies_forward(query, energies.keys, energies.v_a)
+        query = query.to(attention.keys.dtype).contiguous()
+        context, weights = attention.compiled.attention_forward(
+            query, attention.keys, attention.v_a, attention.mask, attention.annotations
+        )
+        ctx.save_for_backward(query, weights)
+        ctx.attention = attention
+        ctx.set_materialize_grads(False)
+        return context, weights
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor):
-        (query,) = ctx.saved_tensors
-        energies = ctx.energies
-        keys_sum, v_a_sum = energies.sums_for(torch._C._current_graph_task_id())
-        grad_query = energies.compiled.energies_backward(
-            query, energies.keys, energies.v_a, grad.float().contiguous(), keys_sum, v_a_sum
+    def backward(ctx, grad_context: Tensor | None, grad_weights: Tensor | None):
+        if grad_context is None and grad_weights is None:
+            return None, None, None, None, None
+        query, weights = ctx.saved_tensors
+        attention = ctx.attention
+        annotations = attention.annotations
+        if grad_context is None:
+            grad_context = annotations.new_zeros(query.size(0), annotations.size(2))
+        grad_query = attention.compiled.attention_backward(
+            query, attention.keys, attention.v_a, attention.mask, annotations, weights,
+            grad_context.to(annotations.dtype).contiguous(),
+            grad_weights.float().contiguous() if grad_weights is not None else None,
+            attention.sums_for(torch._C._current_graph_task_id()),
         )
-        return grad_query.to(ctx.query_dtype), None, None, None
+        return grad_query.to(ctx.query_dtype), None, None, None, None
 
 
 # Elements of the [rows, src_len, attn_dim] block that _blocked_energies works on at a time:

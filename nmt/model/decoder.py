@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from nmt.model import shapes
-from nmt.model.attention import AdditiveAttention, Energies
+from nmt.model.attention import AdditiveAttention, Attend
 from nmt.model.cells import CELLS, make_cell
 from nmt.model.dropout import dropout
 from nmt.model.gru import ExactGRUCell
@@ -20,15 +20,13 @@ class StepWeights(NamedTuple):
     """The products each decoder step computes (:class:`LoopWeight`): ``W_a s`` for the
     attention query, ``W_c c`` for the context's share of the layer-1 gates, and
     ``W_hh h + b_hh`` for layer 1's recurrent share (None for the exact GRU, whose step
-    multiplies ``W_hh`` in two parts); ``a_i^T H`` for the context, with the annotations
-    H as the weight; and the attention's energies over the pass's keys
-    (:meth:`AdditiveAttention.energies`)."""
+    multiplies ``W_hh`` in two parts); and the attention over the pass's keys and
+    annotations (:meth:`AdditiveAttention.attender`)."""
 
     query: LoopWeight
     context: LoopWeight
     recurrent: LoopWeight | None
-    annotations: LoopWeight
-    energies: Energies
+    attend: Attend
 
 
 class DecodingWeights(NamedTuple):
@@ -205,12 +203,12 @@ class Decoder(nn.Module):
         # Under autocast, the embeddings in its dtype once, not in each product that reads them.
         emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
-        weights = self._step_weights(emb_gates.dtype, keys, annotations)
+        weights = self._step_weights(emb_gates.dtype, keys, annotations, src_mask)
         layers = _layers(state)  # a list: the steps select no layer from a stacked state
         states, contexts = [], []
         # unbind, not emb_gates[:, i]: each indexing's backward would zero-fill a full-size gradient
         for gates_i in emb_gates.unbind(1):
-            layers, context, _ = self._recur(gates_i, layers, keys, annotations, src_mask, weights)
+            layers, context, _ = self._recur(gates_i, layers, weights)
             states.append(hidden_of(layers[-1]))
             contexts.append(context)
         states = torch.stack(states, dim=1)  # batch x trg_len x hidden
@@ -289,7 +287,7 @@ class Decoder(nn.Module):
             return weights
         return DecodingWeights(*(t.to(dtype) if t is not None else None for t in weights))
 
-    def _step_weights(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor) -> StepWeights:
+    def _step_weights(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor, src_mask: Tensor) -> StepWeights:
         """The matrices every step multiplies, for one pass over the target (see
         :mod:`nmt.model.loop_weight`: in training their gradients are computed once)."""
         cell = self.cells[0]
@@ -299,18 +297,10 @@ class Decoder(nn.Module):
         context = cell.weight_ih[:, self.emb_dim :].to(dtype)
         recurrent = None if isinstance(cell, ExactGRUCell) else LoopWeight(cell.weight_hh, cell.bias_hh)
         query = LoopWeight(self.attention.query_layer.weight)
-        energies = self.attention.energies(keys)
-        return StepWeights(query, LoopWeight(context), recurrent, LoopWeight(annotations.mT), energies)
+        attend = self.attention.attender(keys, annotations, src_mask)
+        return StepWeights(query, LoopWeight(context), recurrent, attend)
 
-    def _recur(
-        self,
-        emb_gates: Tensor,
-        layers: list,
-        keys: Tensor,
-        annotations: Tensor,
-        src_mask: Tensor,
-        weights: StepWeights,
-    ) -> tuple[list, Tensor, Tensor]:
+    def _recur(self, emb_gates: Tensor, layers: list, weights: StepWeights) -> tuple[list, Tensor, Tensor]:
         """Steps 1 and 2: attention from s_{i-1}, then the stacked recurrent update.
 
         :param emb_gates: ``[batch, gates * hidden]`` layer-1 gates from E y_{i-1} (with bias)
@@ -320,8 +310,7 @@ class Decoder(nn.Module):
             a_i ``[batch, src_len]``
         """
         query = weights.query(hidden_of(layers[-1]))  # W_a s_{i-1}
-        attention = self.attention.alignment(query, keys, src_mask, weights.energies)  # batch x src_len
-        context = weights.annotations(attention.to(annotations.dtype).unsqueeze(1)).squeeze(1)  # c_i
+        context, attention = weights.attend(query)  # c_i, a_i
         gates = weights.context(context, add=emb_gates)  # E y_{i-1} part + W_c c_i
         first = layers[0]  # layer 1 reads [E y_{i-1}; c_i]
         if weights.recurrent is None:

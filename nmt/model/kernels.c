@@ -5,15 +5,18 @@
  *
  *   energies_*   the additive attention's energies e_ij = v_a^T tanh(q_i + k_j), forward
  *                and backward (Bahdanau et al. 2015, appendix A.1.2);
+ *   attention_*  the same energies, their masked softmax a_ij and the context
+ *                c_i = sum_j a_ij h_j, forward and backward, one decoder step in one call;
  *   smoothed_ce_* the label-smoothed cross-entropy of a block of logits and its
- *                gradient, written over the logits.
+ *                gradient, written over the logits;
+ *   gru_*        the GRU's gate arithmetic, forward and backward.
  *
  * Plain C99 with OpenMP (the libgomp that PyTorch loaded), on as many threads as the caller
  * passes: torch.get_num_threads(), which the parallel decoding workers set to one.
  * Arithmetic is in float32 whatever the storage type; bfloat16 is read by shifting its
- * bits and written with round-to-nearest-even, as PyTorch does.
- * exp is a Cephes-style polynomial (relative error about 1e-7) that the compiler
- * vectorises, where a call to libm's expf would not be.
+ * bits and written with round-to-nearest-even, as PyTorch does. exp and tanh are
+ * polynomial approximations that the compiler vectorises, where calls to libm would not
+ * be; native.py compiles with -ffp-contract=fast, so that their Horner steps are FMAs.
  */
 #include <math.h>
 #include <stdint.h>
@@ -36,6 +39,7 @@ static inline void store_bf16(bf16 *p, int64_t i, float x) {
     p[i] = (bf16)(c.u >> 16);
 }
 
+/* exp, Cephes-style (relative error about 1e-7). */
 static inline float exp_poly(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x / ln 2) */
@@ -52,81 +56,158 @@ static inline float exp_poly(float x) {
     return p * scale.f;
 }
 
-static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+/* tanh as a [13/6] rational minimax approximation on [-7.9053, 7.9053] (the coefficients
+ * of Eigen's float tanh), +-1 beyond: absolute and relative error under 3e-7, and one
+ * division, where the exp-based forms take an exp and a division. */
+static inline float tanh_rational(float x) {
+    x = x < -7.90531110763549805f ? -7.90531110763549805f : (x > 7.90531110763549805f ? 7.90531110763549805f : x);
+    float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 - 8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return x * p / q;
+}
 
-/* Energies, forward: query [B * G, A] (G rows per sentence), keys [B, S, A], v [A] float32
- * -> energies [B * G, S] float32, e = 2 v^T sigmoid(2 q + 2 k) - sum(v) = v^T tanh(q + k). */
-#define ENERGIES_FORWARD(NAME, T, LOAD)                                                         \
-    void NAME(const T *query, const T *keys, const float *v, float *energies, int64_t B,        \
-              int64_t G, int64_t S, int64_t A, int threads) {                                   \
-        float v_sum = 0.0f;                                                                     \
-        for (int64_t a = 0; a < A; a++) v_sum += v[a];                                          \
-        _Pragma("omp parallel num_threads(threads)")                                            \
-        {                                                                                       \
-            float *q2 = malloc(A * sizeof(float));                                              \
-            _Pragma("omp for schedule(static)")                                                 \
-            for (int64_t row = 0; row < B * G; row++) {                                         \
-                for (int64_t a = 0; a < A; a++) q2[a] = 2.0f * LOAD(query, row * A + a);        \
-                const T *k = keys + (row / G) * S * A;                                          \
-                for (int64_t s = 0; s < S; s++) {                                               \
-                    float dot = 0.0f;                                                           \
-                    _Pragma("omp simd reduction(+:dot)")                                        \
-                    for (int64_t a = 0; a < A; a++)                                             \
-                        dot += v[a] * sigmoid(q2[a] + 2.0f * LOAD(k, s * A + a));               \
-                    energies[row * S + s] = 2.0f * dot - v_sum;                                 \
-                }                                                                               \
-            }                                                                                   \
-            free(q2);                                                                           \
+static inline float sigmoid(float x) { return 0.5f + 0.5f * tanh_rational(0.5f * x); }
+
+/* The additive attention of one decoder step (Bahdanau et al. 2015, section 3.1 and
+ * appendix A.1.2), for query rows q_i [B * G, A] (G rows per sentence: the beams), the
+ * sentence's keys k_j [B, S, A], v [A] float32, mask [B, S] (0 on padding) and annotations
+ * h_j [B, S, K]:
+ *
+ *   e_ij = v^T tanh(q_i + k_j),  a_ij = softmax_j(e_ij) over real j,  c_i = sum_j a_ij h_j
+ *
+ * Forward: weights a [B * G, S] float32 (0 on padding) and context c [B * G, K], summed in
+ * float32. Padding costs nothing: its energies are never computed. A row without a real
+ * position gets zero weights and a zero context. */
+#define ATTENTION_ROW(NAME, T, LOAD)                                                            \
+    static inline float NAME##_energy(const float *q, const T *k, const float *v, int64_t A) {  \
+        float dot = 0.0f;                                                                       \
+        _Pragma("omp simd reduction(+:dot)")                                                    \
+        for (int64_t a = 0; a < A; a++) dot += v[a] * tanh_rational(q[a] + LOAD(k, a));         \
+        return dot;                                                                             \
+    }                                                                                           \
+    /* The energies' backward at one (i, j), gradient g of e_ij: adds into the query's        \
+     * gradient gq, the keys' gk and v's gv. tanh is recomputed, not kept from the forward. */ \
+    static inline void NAME##_energy_backward(const float *q, const T *k, const float *v,       \
+                                              float g, float *gq, float *gk, float *gv,         \
+                                              int64_t A) {                                      \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t a = 0; a < A; a++) {                                                       \
+            float t = tanh_rational(q[a] + LOAD(k, a));                                         \
+            float d = g * v[a] * (1.0f - t * t); /* d e / d (q + k) */                          \
+            gq[a] += d;                                                                         \
+            gk[a] += d;                                                                         \
+            gv[a] += g * t;                                                                     \
         }                                                                                       \
     }
 
-ENERGIES_FORWARD(energies_forward_f32, float, load_f32)
-ENERGIES_FORWARD(energies_forward_bf16, bf16, load_bf16)
+ATTENTION_ROW(f32, float, load_f32)
+ATTENTION_ROW(bf16, bf16, load_bf16)
 
-/* Energies, backward, one query row per sentence: the energies' gradient grad [B, S]
- * float32 -> the query's gradient grad_query [B, A] float32 (written), the keys' added
- * into grad_keys [B, S, A] float32 and v's into grad_v [A] float32. The sigmoids are
- * recomputed, not kept from the forward pass: an exp costs less than reading them back. */
-#define ENERGIES_BACKWARD(NAME, T, LOAD)                                                        \
-    void NAME(const T *query, const T *keys, const float *v, const float *grad,                 \
-              float *grad_query, float *grad_keys, float *grad_v, int64_t B, int64_t S,         \
-              int64_t A, int threads) {                                                         \
+#define ATTENTION_FORWARD(NAME, T, LOAD, STORE, ROW)                                            \
+    void NAME(const T *query, const T *keys, const float *v, const uint8_t *mask,               \
+              const T *annotations, float *weights, T *context, int64_t B, int64_t G,           \
+              int64_t S, int64_t A, int64_t K, int threads) {                                   \
+        _Pragma("omp parallel num_threads(threads)")                                            \
+        {                                                                                       \
+            float *q = malloc((A + K) * sizeof(float)), *c = q + A;                             \
+            _Pragma("omp for schedule(static)")                                                 \
+            for (int64_t row = 0; row < B * G; row++) {                                         \
+                int64_t b = row / G;                                                            \
+                const T *k = keys + b * S * A, *h = annotations + b * S * K;                    \
+                const uint8_t *m = mask + b * S;                                                \
+                float *w = weights + row * S, top = -INFINITY, sum = 0.0f;                      \
+                for (int64_t a = 0; a < A; a++) q[a] = LOAD(query, row * A + a);                \
+                for (int64_t s = 0; s < S; s++) {                                               \
+                    w[s] = m[s] ? ROW##_energy(q, k + s * A, v, A) : 0.0f;                      \
+                    if (m[s] && w[s] > top) top = w[s];                                         \
+                }                                                                               \
+                for (int64_t s = 0; s < S; s++)                                                 \
+                    if (m[s]) sum += (w[s] = expf(w[s] - top));                                 \
+                float inv = sum > 0.0f ? 1.0f / sum : 0.0f;                                     \
+                for (int64_t j = 0; j < K; j++) c[j] = 0.0f;                                    \
+                for (int64_t s = 0; s < S; s++) {                                               \
+                    if (!m[s]) continue;                                                        \
+                    float ws = w[s] *= inv;                                                     \
+                    _Pragma("omp simd")                                                         \
+                    for (int64_t j = 0; j < K; j++) c[j] += ws * LOAD(h, s * K + j);            \
+                }                                                                               \
+                for (int64_t j = 0; j < K; j++) STORE(context, row * K + j, c[j]);              \
+            }                                                                                   \
+            free(q);                                                                            \
+        }                                                                                       \
+    }
+
+ATTENTION_FORWARD(attention_forward_f32, float, load_f32, store_f32, f32)
+ATTENTION_FORWARD(attention_forward_bf16, bf16, load_bf16, store_bf16, bf16)
+
+/* Attention, backward, one query row per sentence (G = 1), from the forward's weights a
+ * [B, S] and the gradients of the context grad_context [B, K] and of the weights
+ * grad_weights [B, S] float32 (NULL: none): writes the query's gradient grad_query [B, A]
+ * float32 and adds the keys' into grad_keys [B, S, A], the annotations' into
+ * grad_annotations [B, S, K] and v's into grad_v [A], all float32. */
+#define ATTENTION_BACKWARD(NAME, T, LOAD, ROW)                                                  \
+    void NAME(const T *query, const T *keys, const float *v, const uint8_t *mask,               \
+              const T *annotations, const float *weights, const T *grad_context,                \
+              const float *grad_weights, float *grad_query, float *grad_keys,                   \
+              float *grad_annotations, float *grad_v, int64_t B, int64_t S, int64_t A,          \
+              int64_t K, int threads) {                                                         \
         float *grad_v_parts = calloc((size_t)threads * A, sizeof(float));                       \
         _Pragma("omp parallel num_threads(threads)")                                            \
         {                                                                                       \
             float *gv = grad_v_parts + (size_t)omp_get_thread_num() * A;                        \
-            float *q2 = malloc(3 * A * sizeof(float)), *v4 = q2 + A, *gq = q2 + 2 * A;          \
-            for (int64_t a = 0; a < A; a++) v4[a] = 4.0f * v[a];                                \
+            float *q = malloc((2 * A + K + S) * sizeof(float)), *gq = q + A, *gc = gq + A;      \
+            float *ge = gc + K;                                                                 \
             _Pragma("omp for schedule(static)")                                                 \
             for (int64_t b = 0; b < B; b++) {                                                   \
+                const T *k = keys + b * S * A, *h = annotations + b * S * K;                    \
+                const uint8_t *m = mask + b * S;                                                \
+                const float *w = weights + b * S;                                               \
+                float *gk = grad_keys + b * S * A, *gh = grad_annotations + b * S * K;          \
+                float expected = 0.0f; /* sum_j a_j d/da_j */                                   \
+                for (int64_t j = 0; j < K; j++) gc[j] = LOAD(grad_context, b * K + j);          \
+                for (int64_t s = 0; s < S; s++) {                                               \
+                    float ga = grad_weights ? grad_weights[b * S + s] : 0.0f;                   \
+                    if (m[s]) {                                                                 \
+                        float ws = w[s];                                                        \
+                        _Pragma("omp simd reduction(+:ga)")                                     \
+                        for (int64_t j = 0; j < K; j++) {                                       \
+                            ga += gc[j] * LOAD(h, s * K + j);                                   \
+                            gh[s * K + j] += ws * gc[j];                                        \
+                        }                                                                       \
+                    }                                                                           \
+                    ge[s] = ga;                                                                 \
+                    expected += w[s] * ga;                                                      \
+                }                                                                               \
                 for (int64_t a = 0; a < A; a++) {                                               \
-                    q2[a] = 2.0f * LOAD(query, b * A + a);                                      \
+                    q[a] = LOAD(query, b * A + a);                                              \
                     gq[a] = 0.0f;                                                               \
                 }                                                                               \
                 for (int64_t s = 0; s < S; s++) {                                               \
-                    const T *k = keys + (b * S + s) * A;                                        \
-                    float *gk = grad_keys + (b * S + s) * A, g = grad[b * S + s];               \
-                    if (g == 0.0f) continue; /* padding: its weight, and so its gradient, is 0 */ \
-                    _Pragma("omp simd")                                                         \
-                    for (int64_t a = 0; a < A; a++) {                                           \
-                        float sg = sigmoid(q2[a] + 2.0f * LOAD(k, a));                          \
-                        float d = g * v4[a] * sg * (1.0f - sg); /* d e / d (q + k) */           \
-                        gq[a] += d;                                                             \
-                        gk[a] += d;                                                             \
-                        gv[a] += g * (2.0f * sg - 1.0f); /* tanh(q + k) */                      \
-                    }                                                                           \
+                    float g = w[s] * (ge[s] - expected); /* softmax's backward */               \
+                    if (m[s] && g != 0.0f)                                                      \
+                        ROW##_energy_backward(q, k + s * A, v, g, gq, gk + s * A, gv, A);       \
                 }                                                                               \
                 for (int64_t a = 0; a < A; a++) grad_query[b * A + a] = gq[a];                  \
             }                                                                                   \
-            free(q2);                                                                           \
+            free(q);                                                                            \
         }                                                                                       \
         for (int t = 0; t < threads; t++)                                                       \
             for (int64_t a = 0; a < A; a++) grad_v[a] += grad_v_parts[(size_t)t * A + a];       \
         free(grad_v_parts);                                                                     \
     }
 
-ENERGIES_BACKWARD(energies_backward_f32, float, load_f32)
-ENERGIES_BACKWARD(energies_backward_bf16, bf16, load_bf16)
+ATTENTION_BACKWARD(attention_backward_f32, float, load_f32, f32)
+ATTENTION_BACKWARD(attention_backward_bf16, bf16, load_bf16, bf16)
 
 /* Label-smoothed cross-entropy of logits [R, V] plus bias [V] float32, rows whose
  * target is `ignore` skipped:
@@ -198,7 +279,7 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
  *   h' = n + z (h - n)                       forward: out [B, H]
  *
  * Backward, from grad [B, H] of h': grad_x [B, 3H], grad_gh [B, 3H] and grad_h [B, H], the
- * gates recomputed. tanh(x) = 2 sigmoid(2x) - 1. */
+ * gates recomputed. */
 #define GRU_FORWARD(NAME, T, LOAD, STORE)                                                      \
     void NAME(const T *gx, int64_t ld_x, const T *gh, int64_t ld_gh, const T *h, int64_t ld_h,  \
               const uint8_t *real, int64_t ld_real, T *out, int64_t B, int64_t H, int threads) { \
@@ -214,7 +295,7 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
             for (int64_t j = 0; j < H; j++) {                                                  \
                 float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                    \
                 float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                            \
-                float n = 2.0f * sigmoid(2.0f * (LOAD(x, 2 * H + j) + r * LOAD(g, 2 * H + j))) - 1.0f; \
+                float n = tanh_rational(LOAD(x, 2 * H + j) + r * LOAD(g, 2 * H + j));            \
                 STORE(o, j, n + z * (LOAD(hb, j) - n));                                        \
             }                                                                                  \
         }                                                                                      \
@@ -245,7 +326,7 @@ GRU_FORWARD(gru_forward_bf16, bf16, load_bf16, store_bf16)
                 float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                    \
                 float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                            \
                 float h_n = LOAD(g, 2 * H + j);                                                \
-                float n = 2.0f * sigmoid(2.0f * (LOAD(x, 2 * H + j) + r * h_n)) - 1.0f;        \
+                float n = tanh_rational(LOAD(x, 2 * H + j) + r * h_n);                          \
                 float d = LOAD(go, j), d_n = d * (1.0f - z);                                   \
                 float pre_n = d_n * (1.0f - n * n);             /* d / d (x_n + r h_n) */      \
                 float pre_r = pre_n * h_n * r * (1.0f - r);                                    \

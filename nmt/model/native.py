@@ -32,13 +32,15 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
+# -ffp-contract=fast: FMAs for a * b + c (ISO C modes otherwise round the product first)
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
+         "-std=c99"]
 LIBS = ["-lm"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "energies_forward": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
-    "energies_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "attention_forward": [_P] * 7 + [_I] * 5 + [ctypes.c_int],
+    "attention_backward": [_P] * 12 + [_I] * 4 + [ctypes.c_int],
     "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
     "gru_forward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
     "gru_backward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
@@ -114,32 +116,48 @@ class Kernels:
     def _get(self, name: str, dtype: torch.dtype):
         return self._functions[name, _SUFFIX[dtype]]
 
-    def energies_forward(self, query: Tensor, keys: Tensor, v: Tensor) -> Tensor:
-        """``v^T tanh(q + k_j)``: query ``[batch * g, attn]`` (``g`` rows per sentence), keys
-        ``[batch, src_len, attn]`` of the query's dtype, v ``[attn]`` float32 -> float32
-        ``[batch * g, src_len]``."""
+    def attention_forward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor,
+                          annotations: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of additive attention: energies ``v^T tanh(q_i + k_j)``, their softmax
+        over the real positions and the context ``sum_j a_ij h_j``.
+
+        :param query: ``[batch * g, attn]``, ``g`` rows per sentence
+        :param keys: ``[batch, src_len, attn]``, the query's dtype
+        :param v: ``[attn]`` float32
+        :param mask: ``[batch, src_len]`` bool, True on real positions
+        :param annotations: ``[batch, src_len, key_size]``, the query's dtype
+        :return: the context ``[batch * g, key_size]`` (the annotations' dtype, summed in
+            float32) and the weights ``[batch * g, src_len]`` float32, 0 on padding
+        """
         batch, src_len, attn = keys.shape
-        group = query.size(0) // batch
-        energies = torch.empty(query.size(0), src_len)
-        _check(query, keys, v)
-        self._get("energies_forward", keys.dtype)(
-            query.data_ptr(), keys.data_ptr(), v.data_ptr(), energies.data_ptr(), batch, group, src_len, attn,
+        key_size = annotations.size(2)
+        weights = torch.empty(query.size(0), src_len)
+        context = torch.empty(query.size(0), key_size, dtype=annotations.dtype)
+        _check(query, keys, v, mask, annotations)
+        self._get("attention_forward", keys.dtype)(
+            query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
+            weights.data_ptr(), context.data_ptr(), batch, query.size(0) // batch, src_len, attn, key_size,
             torch.get_num_threads(),
         )
-        return energies
+        return context, weights
 
-    def energies_backward(self, query: Tensor, keys: Tensor, v: Tensor, grad: Tensor, grad_keys: Tensor,
-                          grad_v: Tensor) -> Tensor:
-        """The gradients of :meth:`energies_forward` for one query row per sentence, from
-        the energies' gradient ``grad`` ``[batch, src_len]`` float32: returns the query's
-        (float32), and adds the keys' into ``grad_keys`` ``[batch, src_len, attn]`` and v's
-        into ``grad_v`` ``[attn]`` (both float32)."""
+    def attention_backward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor, annotations: Tensor,
+                           weights: Tensor, grad_context: Tensor, grad_weights: Tensor | None,
+                           sums: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """The gradients of :meth:`attention_forward` for one query row per sentence, from
+        its weights and the gradients of its outputs (``grad_context`` in the annotations'
+        dtype, ``grad_weights`` float32 or None): returns the query's (float32) and adds
+        the keys', the annotations' and v's into ``sums``, float32 tensors of their shapes."""
         batch, src_len, attn = keys.shape
         grad_query = torch.empty(batch, attn)
-        _check(query, keys, v, grad, grad_keys, grad_v)
-        self._get("energies_backward", keys.dtype)(
-            query.data_ptr(), keys.data_ptr(), v.data_ptr(), grad.data_ptr(), grad_query.data_ptr(),
-            grad_keys.data_ptr(), grad_v.data_ptr(), batch, src_len, attn, torch.get_num_threads(),
+        grad_keys, grad_annotations, grad_v = sums
+        optional = [grad_weights] if grad_weights is not None else []
+        _check(query, keys, v, mask, annotations, weights, grad_context, grad_keys, grad_annotations, grad_v, *optional)
+        self._get("attention_backward", keys.dtype)(
+            query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
+            weights.data_ptr(), grad_context.data_ptr(), grad_weights.data_ptr() if optional else None,
+            grad_query.data_ptr(), grad_keys.data_ptr(), grad_annotations.data_ptr(), grad_v.data_ptr(),
+            batch, src_len, attn, annotations.size(2), torch.get_num_threads(),
         )
         return grad_query
 
