@@ -44,3 +44,20 @@ def test_concatenate_adds_zero_rows_for_bf16_matrices_only():
     assert shapes.concatenate([p.float() for p in parts]).shape == (140, 3)
     batched = [torch.randn(2, n, 3).bfloat16() for n in (5, 6)]  # a batch of matrices: as torch.cat
     assert torch.equal(shapes.concatenate(batched), torch.cat(batched, dim=-2))
+
+
+def test_linear_under_autocast_gives_float32_leaves_their_gradients():
+    """Training's case: float32 parameters, bf16 products; the gradients in the leaves'
+    dtype, as with F.linear under autocast."""
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=g).requires_grad_() for shape in ((300, 5), (7, 5), (7,)))
+    probe = torch.randn(300, 7, generator=g)
+    grads = []
+    for fn in (shapes.linear, F.linear):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, weight, bias)
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad((out.float() * probe).sum(), (x, weight, bias)))
+    for ours, theirs in zip(*grads):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0.02)
