@@ -185,17 +185,28 @@ class _CompiledAttention:
     """
 
     def __init__(self, compiled, keys: Tensor, annotations: Tensor, v_a: Tensor, mask: Tensor) -> None:
+        # The autograd nodes hold the pass, not this object with its aliases, whose
+        # grad_fn is one of them: no reference cycle through the graph, which would keep
+        # the pass's tensors until Python's cycle collector ran.
+        self.pass_ = _AttentionPass(compiled, keys, annotations, v_a, mask)
+        self.aliases = _HandOver.apply(self.pass_, keys, annotations, v_a)
+
+    def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        if query.size(0) != self.pass_.keys.size(0):
+            raise ValueError(f"teacher forcing attends with one query row per sentence, got {query.size(0)} rows "
+                             f"for {self.pass_.keys.size(0)} sentences")
+        return _CompiledAttentionStep.apply(query, *self.aliases, self.pass_)
+
+
+class _AttentionPass:
+    """What the steps of a :class:`_CompiledAttention` share: the kernels, the keys,
+    annotations, v_a and mask, and the gradient sums of each backward pass."""
+
+    def __init__(self, compiled, keys: Tensor, annotations: Tensor, v_a: Tensor, mask: Tensor) -> None:
         self.compiled = compiled
         self.keys, self.annotations = keys.detach().contiguous(), annotations.detach().contiguous()
         self.v_a, self.mask = v_a.detach().float(), mask.contiguous()
         self.sums: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # backward pass id -> gradient sums
-        self.aliases = _HandOver.apply(self, keys, annotations, v_a)
-
-    def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
-        if query.size(0) != self.keys.size(0):
-            raise ValueError(f"teacher forcing attends with one query row per sentence, got {query.size(0)} rows "
-                             f"for {self.keys.size(0)} sentences")
-        return _CompiledAttentionStep.apply(query, *self.aliases, self)
 
     def sums_for(self, task: int) -> tuple[Tensor, Tensor, Tensor]:
         """The gradient sums (keys, annotations, v_a) of backward pass ``task``, zeros at first."""
@@ -209,7 +220,7 @@ class _HandOver(torch.autograd.Function):
     its backward returns their gradients, summed over the steps."""
 
     @staticmethod
-    def forward(ctx, attention: _CompiledAttention, keys: Tensor, annotations: Tensor, v_a: Tensor):
+    def forward(ctx, attention: _AttentionPass, keys: Tensor, annotations: Tensor, v_a: Tensor):
         ctx.attention = attention
         ctx.set_materialize_grads(False)  # the steps send no gradient here: no zero tensors
         return keys.view_as(keys), annotations.view_as(annotations), v_a.view_as(v_a)
@@ -233,7 +244,7 @@ class _CompiledAttentionStep(torch.autograd.Function):
     float32."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, keys: Tensor, annotations: Tensor, v_a: Tensor, attention: _CompiledAttention):
+    def forward(ctx, query: Tensor, keys: Tensor, annotations: Tensor, v_a: Tensor, attention: _AttentionPass):
         ctx.query_dtype = query.dtype
         query = query.to(attention.keys.dtype).contiguous()
         context, weights = attention.compiled.attention_forward(

@@ -95,8 +95,8 @@ static inline float sigmoid(float x) { return 0.5f + 0.5f * tanh_rational(0.5f *
         for (int64_t a = 0; a < A; a++) dot += v[a] * tanh_rational(q[a] + LOAD(k, a));         \
         return dot;                                                                             \
     }                                                                                           \
-    /* The energies' backward at one (i, j), gradient g of e_ij: adds into the query's        \
-     * gradient gq, the keys' gk and v's gv. tanh is recomputed, not kept from the forward. */ \
+    /* The energies' backward at one (i, j), gradient g of e_ij: adds into the query's          \
+     * gradient gq, the keys' gk and v's gv. tanh is recomputed, not kept from the forward. */  \
     static inline void NAME##_energy_backward(const float *q, const T *k, const float *v,       \
                                               float g, float *gq, float *gk, float *gv,         \
                                               int64_t A) {                                      \
@@ -280,66 +280,66 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
  *
  * Backward, from grad [B, H] of h': grad_x [B, 3H], grad_gh [B, 3H] and grad_h [B, H], the
  * gates recomputed. */
-#define GRU_FORWARD(NAME, T, LOAD, STORE)                                                      \
+#define GRU_FORWARD(NAME, T, LOAD, STORE)                                                       \
     void NAME(const T *gx, int64_t ld_x, const T *gh, int64_t ld_gh, const T *h, int64_t ld_h,  \
               const uint8_t *real, int64_t ld_real, T *out, int64_t B, int64_t H, int threads) { \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")    \
-        for (int64_t b = 0; b < B; b++) {                                                      \
-            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;               \
-            T *o = out + b * H;                                                                \
-            if (real && !real[b * ld_real]) {                                                  \
-                for (int64_t j = 0; j < H; j++) STORE(o, j, LOAD(hb, j));                      \
-                continue;                                                                      \
-            }                                                                                  \
-            _Pragma("omp simd")                                                                \
-            for (int64_t j = 0; j < H; j++) {                                                  \
-                float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                    \
-                float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                            \
-                float n = tanh_rational(LOAD(x, 2 * H + j) + r * LOAD(g, 2 * H + j));            \
-                STORE(o, j, n + z * (LOAD(hb, j) - n));                                        \
-            }                                                                                  \
-        }                                                                                      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
+        for (int64_t b = 0; b < B; b++) {                                                       \
+            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;                \
+            T *o = out + b * H;                                                                 \
+            if (real && !real[b * ld_real]) {                                                   \
+                for (int64_t j = 0; j < H; j++) STORE(o, j, LOAD(hb, j));                       \
+                continue;                                                                       \
+            }                                                                                   \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t j = 0; j < H; j++) {                                                   \
+                float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                     \
+                float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                             \
+                float n = tanh_rational(LOAD(x, 2 * H + j) + r * LOAD(g, 2 * H + j));           \
+                STORE(o, j, n + z * (LOAD(hb, j) - n));                                         \
+            }                                                                                   \
+        }                                                                                       \
     }
 
 GRU_FORWARD(gru_forward_f32, float, load_f32, store_f32)
 GRU_FORWARD(gru_forward_bf16, bf16, load_bf16, store_bf16)
 
-#define GRU_BACKWARD(NAME, T, LOAD, STORE)                                                     \
+#define GRU_BACKWARD(NAME, T, LOAD, STORE)                                                      \
     void NAME(const T *gx, int64_t ld_x, const T *gh, int64_t ld_gh, const T *h, int64_t ld_h,  \
               const uint8_t *real, int64_t ld_real, const T *grad, T *grad_x, T *grad_gh,       \
-              T *grad_h, int64_t B, int64_t H, int threads) {                                  \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")    \
-        for (int64_t b = 0; b < B; b++) {                                                      \
-            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;               \
-            const T *go = grad + b * H;                                                        \
-            T *dx = grad_x + b * 3 * H, *dg = grad_gh + b * 3 * H, *dh = grad_h + b * H;       \
-            if (real && !real[b * ld_real]) { /* padding: the state passes through */          \
-                for (int64_t j = 0; j < 3 * H; j++) {                                          \
-                    STORE(dx, j, 0.0f);                                                        \
-                    STORE(dg, j, 0.0f);                                                        \
-                }                                                                              \
-                for (int64_t j = 0; j < H; j++) STORE(dh, j, LOAD(go, j));                     \
-                continue;                                                                      \
-            }                                                                                  \
-            _Pragma("omp simd")                                                                \
-            for (int64_t j = 0; j < H; j++) {                                                  \
-                float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                    \
-                float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                            \
-                float h_n = LOAD(g, 2 * H + j);                                                \
+              T *grad_h, int64_t B, int64_t H, int threads) {                                   \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
+        for (int64_t b = 0; b < B; b++) {                                                       \
+            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;                \
+            const T *go = grad + b * H;                                                         \
+            T *dx = grad_x + b * 3 * H, *dg = grad_gh + b * 3 * H, *dh = grad_h + b * H;        \
+            if (real && !real[b * ld_real]) { /* padding: the state passes through */           \
+                for (int64_t j = 0; j < 3 * H; j++) {                                           \
+                    STORE(dx, j, 0.0f);                                                         \
+                    STORE(dg, j, 0.0f);                                                         \
+                }                                                                               \
+                for (int64_t j = 0; j < H; j++) STORE(dh, j, LOAD(go, j));                      \
+                continue;                                                                       \
+            }                                                                                   \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t j = 0; j < H; j++) {                                                   \
+                float r = sigmoid(LOAD(x, j) + LOAD(g, j));                                     \
+                float z = sigmoid(LOAD(x, H + j) + LOAD(g, H + j));                             \
+                float h_n = LOAD(g, 2 * H + j);                                                 \
                 float n = tanh_rational(LOAD(x, 2 * H + j) + r * h_n);                          \
-                float d = LOAD(go, j), d_n = d * (1.0f - z);                                   \
-                float pre_n = d_n * (1.0f - n * n);             /* d / d (x_n + r h_n) */      \
-                float pre_r = pre_n * h_n * r * (1.0f - r);                                    \
-                float pre_z = d * (LOAD(hb, j) - n) * z * (1.0f - z);                          \
-                STORE(dx, j, pre_r);                                                           \
-                STORE(dx, H + j, pre_z);                                                       \
-                STORE(dx, 2 * H + j, pre_n);                                                   \
-                STORE(dg, j, pre_r);                                                           \
-                STORE(dg, H + j, pre_z);                                                       \
-                STORE(dg, 2 * H + j, pre_n * r);                                               \
-                STORE(dh, j, d * z);                                                           \
-            }                                                                                  \
-        }                                                                                      \
+                float d = LOAD(go, j), d_n = d * (1.0f - z);                                    \
+                float pre_n = d_n * (1.0f - n * n);             /* d / d (x_n + r h_n) */       \
+                float pre_r = pre_n * h_n * r * (1.0f - r);                                     \
+                float pre_z = d * (LOAD(hb, j) - n) * z * (1.0f - z);                           \
+                STORE(dx, j, pre_r);                                                            \
+                STORE(dx, H + j, pre_z);                                                        \
+                STORE(dx, 2 * H + j, pre_n);                                                    \
+                STORE(dg, j, pre_r);                                                            \
+                STORE(dg, H + j, pre_z);                                                        \
+                STORE(dg, 2 * H + j, pre_n * r);                                                \
+                STORE(dh, j, d * z);                                                            \
+            }                                                                                   \
+        }                                                                                       \
     }
 
 GRU_BACKWARD(gru_backward_f32, float, load_f32, store_f32)
