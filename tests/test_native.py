@@ -119,6 +119,15 @@ def test_training_attention_is_freed_after_its_backward_pass():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_softmax_equals_pytorch(dtype):
+    logits = (torch.randn(9, 1003, generator=torch.Generator().manual_seed(0)) * 8).to(dtype)  # an odd width
+    got = kernels.log_softmax(logits)
+    assert got.dtype == torch.float32 and got.shape == logits.shape
+    torch.testing.assert_close(got.double(), F.log_softmax(logits.double(), dim=1), atol=1e-5, rtol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_loss_and_its_gradient_equal_pytorch_cross_entropy(dtype, smoothing):
     """The kernel's per-row loss and gradient written over the logits, against PyTorch's

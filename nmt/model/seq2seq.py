@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from nmt.model.cells import CELLS, gate_count
 from nmt.model.decoder import INIT_STATES, Decoder, DecoderState, DecodingWeights, map_state
 from nmt.model.encoder import Encoder
+from nmt.model.native import KERNEL_DTYPES, kernels
 from nmt.model.output import linear_cross_entropy
 
 
@@ -239,6 +240,9 @@ class Seq2Seq(nn.Module):
         logits, state, weights = self.decoder.step(
             prev_tokens, state, enc.keys, enc.annotations, enc.mask, enc.decoding
         )
+        compiled = kernels() if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES else None
+        if compiled is not None and not logits.requires_grad:  # one pass less, and bf16 read as it is
+            return compiled.log_softmax(logits.contiguous()), state, weights
         return F.log_softmax(logits, dim=-1, dtype=torch.float32), state, weights
 
     @staticmethod
