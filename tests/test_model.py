@@ -208,8 +208,8 @@ def test_teacher_forcing_gradients_equal_step_by_step(cell, layers, init_state, 
     enc = model.encode(src, src_lengths)
     state, steps = model.init_state(enc), []
     for i in range(trg_in.size(1)):
-        logits, state, _ = model.decoder.step(trg_in[:, i], state, enc.keys, enc.annotations, enc.mask)
-        steps.append(logits)
+        features, state, _ = model.decoder.step(trg_in[:, i], state, enc.keys, enc.annotations, enc.mask)
+        steps.append(model.decoder.logits(features, model.decoder.decoding_weights()))
     stepped = gradients(torch.stack(steps, dim=1))
     assert whole.keys() == stepped.keys()
     for name in whole:

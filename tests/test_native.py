@@ -120,10 +120,15 @@ def test_training_attention_is_freed_after_its_backward_pass():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_log_softmax_equals_pytorch(dtype):
-    logits = (torch.randn(9, 1003, generator=torch.Generator().manual_seed(0)) * 8).to(dtype)  # an odd width
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 1003, generator=g) * 8).to(dtype)  # an odd width
+    bias = torch.randn(1003, generator=g)
     got = kernels.log_softmax(logits)
     assert got.dtype == torch.float32 and got.shape == logits.shape
     torch.testing.assert_close(got.double(), F.log_softmax(logits.double(), dim=1), atol=1e-5, rtol=1e-6)
+    with_bias = kernels.log_softmax(logits, bias)
+    torch.testing.assert_close(with_bias.double(), F.log_softmax(logits.double() + bias.double(), dim=1),
+                               atol=1e-5, rtol=1e-6)
 
 
 @needs_kernels

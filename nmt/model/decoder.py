@@ -234,8 +234,9 @@ class Decoder(nn.Module):
         :param annotations: ``[batch, src_len, annotation_size]``
         :param src_mask: ``[batch, src_len]`` bool, True on real tokens
         :param weights: from :meth:`decoding_weights`, made once per search; made here if None
-        :return: logits ``[batch, vocab]``, new states (same form as ``state``) and
-            attention weights ``[batch, src_len]``
+        :return: the deep output t_i ``[batch, out_dim]``, whose logits are
+            ``weights.output_bias + t_i weights.output^T`` (:meth:`logits`), new states (same
+            form as ``state``) and attention weights ``[batch, src_len]``
         """
         w = weights if weights is not None else self.decoding_weights()
         dtype = w.state.dtype  # the autocast dtype under autocast
@@ -258,8 +259,12 @@ class Decoder(nn.Module):
             new_first = self.cells[0].step(gates, layers[0], from_state[:, attn_dim:])
         new_state = _stack_layers(self._upper_layers(new_first, layers))
         t = torch.addmm(deep, hidden_of(new_state)[-1].to(dtype), w.deep_state.t())
-        logits = torch.addmm(w.output_bias, self._activate(t), w.output.t())
-        return logits, new_state, attention
+        return self._activate(t), new_state, attention
+
+    @staticmethod
+    def logits(features: Tensor, weights: DecodingWeights) -> Tensor:
+        """The output layer ``W_o t_i + b_o`` of :meth:`step`'s deep output ``[batch, out_dim]``."""
+        return torch.addmm(weights.output_bias, features, weights.output.t())
 
     def decoding_weights(self) -> DecodingWeights:
         """The stacked matrices of :meth:`step` (see :class:`DecodingWeights`), cast to the

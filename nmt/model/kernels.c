@@ -210,21 +210,25 @@ ATTENTION_FORWARD(attention_forward_bf16, bf16, load_bf16, store_bf16, bf16)
 ATTENTION_BACKWARD(attention_backward_f32, float, load_f32, f32)
 ATTENTION_BACKWARD(attention_backward_bf16, bf16, load_bf16, bf16)
 
-/* log_softmax of every row of logits [R, V] into out [R, V] float32: each decoding step's
- * log-probabilities, with the conversion from bfloat16 in the same passes. */
+/* log_softmax of every row of logits [R, V] plus bias [V] float32 (NULL: none) into out
+ * [R, V] float32: each decoding step's log-probabilities, with the output layer's bias and
+ * the conversion from bfloat16 in the same passes. */
 #define LOG_SOFTMAX(NAME, T, LOAD)                                                                  \
-    void NAME(const T *logits, float *out, int64_t R, int64_t V, int threads) {                     \
+    void NAME(const T *logits, const float *bias, float *out, int64_t R, int64_t V, int threads) {  \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                           \
         for (int64_t i = 0; i < R; i++) {                                                           \
             const T *x = logits + i * V;                                                            \
             float *o = out + i * V, top = -INFINITY, sum = 0.0f;                                    \
             _Pragma("omp simd reduction(max:top)")                                                  \
-            for (int64_t j = 0; j < V; j++) top = LOAD(x, j) > top ? LOAD(x, j) : top;              \
+            for (int64_t j = 0; j < V; j++) {                                                       \
+                o[j] = LOAD(x, j) + (bias ? bias[j] : 0.0f);                                        \
+                top = o[j] > top ? o[j] : top;                                                      \
+            }                                                                                       \
             _Pragma("omp simd reduction(+:sum)")                                                    \
-            for (int64_t j = 0; j < V; j++) sum += exp_poly(LOAD(x, j) - top);                      \
+            for (int64_t j = 0; j < V; j++) sum += exp_poly(o[j] - top);                            \
             float lse = top + logf(sum);                                                            \
             _Pragma("omp simd")                                                                     \
-            for (int64_t j = 0; j < V; j++) o[j] = LOAD(x, j) - lse;                                \
+            for (int64_t j = 0; j < V; j++) o[j] -= lse;                                            \
         }                                                                                           \
     }
 

@@ -41,7 +41,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "attention_forward": [_P] * 7 + [_I] * 5 + [ctypes.c_int],
     "attention_backward": [_P] * 12 + [_I] * 4 + [ctypes.c_int],
-    "log_softmax": [_P, _P, _I, _I, ctypes.c_int],
+    "log_softmax": [_P, _P, _P, _I, _I, ctypes.c_int],
     "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
     "gru_forward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
     "gru_backward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
@@ -162,12 +162,14 @@ class Kernels:
         )
         return grad_query
 
-    def log_softmax(self, logits: Tensor) -> Tensor:
-        """``F.log_softmax(logits, dim=1, dtype=torch.float32)`` of ``[rows, vocab]`` logits."""
-        _check(logits)
+    def log_softmax(self, logits: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``F.log_softmax(logits + bias, dim=1, dtype=torch.float32)`` of ``[rows, vocab]``
+        logits, bias ``[vocab]`` float32 or None."""
+        _check(logits, *([bias] if bias is not None else []))
         out = torch.empty(logits.shape)
         self._get("log_softmax", logits.dtype)(
-            logits.data_ptr(), out.data_ptr(), logits.size(0), logits.size(1), torch.get_num_threads()
+            logits.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(), logits.size(0),
+            logits.size(1), torch.get_num_threads(),
         )
         return out
 

@@ -237,12 +237,15 @@ class Seq2Seq(nn.Module):
         :return: log-probabilities ``[batch * k, trg_vocab]`` (float32), the new state and
             attention weights ``[batch * k, src_len]``
         """
-        logits, state, weights = self.decoder.step(
-            prev_tokens, state, enc.keys, enc.annotations, enc.mask, enc.decoding
-        )
-        compiled = kernels() if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES else None
-        if compiled is not None and not logits.requires_grad:  # one pass less, and bf16 read as it is
-            return compiled.log_softmax(logits.contiguous()), state, weights
+        matrices = enc.decoding if enc.decoding is not None else self.decoder.decoding_weights()
+        features, state, weights = self.decoder.step(prev_tokens, state, enc.keys, enc.annotations, enc.mask, matrices)
+        compiled = kernels() if features.device.type == "cpu" and features.dtype in KERNEL_DTYPES else None
+        if compiled is not None and not torch.is_grad_enabled():
+            # The output bias added in the kernel's passes, not by addmm in one of its own;
+            # bf16 logits read as they are, not cast to float32 first.
+            logits = features @ matrices.output.t()
+            return compiled.log_softmax(logits, matrices.output_bias.float()), state, weights
+        logits = self.decoder.logits(features, matrices)
         return F.log_softmax(logits, dim=-1, dtype=torch.float32), state, weights
 
     @staticmethod
