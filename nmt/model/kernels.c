@@ -3,10 +3,9 @@
  * Each fuses a chain of elementwise operations that PyTorch would run as separate passes
  * over memory into one pass over data that stays in the cache:
  *
- *   energies_*   the additive attention's energies e_ij = v_a^T tanh(q_i + k_j), forward
- *                and backward (Bahdanau et al. 2015, appendix A.1.2);
- *   attention_*  the same energies, their masked softmax a_ij and the context
- *                c_i = sum_j a_ij h_j, forward and backward, one decoder step in one call;
+ *   attention_*  one decoder step's additive attention (Bahdanau et al. 2015, appendix
+ *                A.1.2): the energies e_ij = v_a^T tanh(q_i + k_j), their masked softmax
+ *                a_ij and the context c_i = sum_j a_ij h_j, forward and backward;
  *   log_softmax_* a decoding step's log-probabilities;
  *   smoothed_ce_* the label-smoothed cross-entropy of a block of logits and its
  *                gradient, written over the logits;
@@ -15,8 +14,8 @@
  * Plain C99 with OpenMP (the libgomp that PyTorch loaded), on as many threads as the caller
  * passes: torch.get_num_threads(), which the parallel decoding workers set to one.
  * Arithmetic is in float32 whatever the storage type; bfloat16 is read by shifting its
- * bits and written with round-to-nearest-even, as PyTorch does. exp and tanh are
- * polynomial approximations that the compiler vectorises, where calls to libm would not
+ * bits and written with round-to-nearest-even, as PyTorch does. exp and tanh are polynomial
+ * and rational approximations that the compiler vectorises, where calls to libm would not
  * be; native.py compiles with -ffp-contract=fast, so that their Horner steps are FMAs.
  */
 #include <math.h>
