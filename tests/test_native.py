@@ -132,6 +132,35 @@ def test_log_softmax_equals_pytorch(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoding_steps_are_the_same_with_and_without_kernels(monkeypatch, bf16):
+    """Seq2Seq.decode_step: attention, log-softmax and the output bias through the kernels,
+    against PyTorch's operations; in float32 and under bf16 autocast (search's precision)."""
+    from nmt.model import Seq2Seq, seq2seq
+
+    torch.manual_seed(0)
+    model = Seq2Seq(src_vocab_size=20, trg_vocab_size=18, emb_dim=8, enc_hidden=6, dec_hidden=10, attn_dim=5,
+                    out_dim=8).eval()
+    src, lengths = torch.randint(3, 20, (4, 6)), torch.tensor([6, 3, 5, 1])
+    tokens = torch.randint(3, 18, (4, 3))
+    results = []
+    for compiled in (kernels, None):
+        monkeypatch.setattr(seq2seq, "kernels", lambda compiled=compiled: compiled)
+        monkeypatch.setattr(attention_module, "kernels", lambda compiled=compiled: compiled)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            enc = model.encode(src, lengths)
+            state, steps = model.init_state(enc), []
+            for t in range(tokens.size(1)):
+                log_probs, state, weights = model.decode_step(tokens[:, t], state, enc)
+                steps += [log_probs, weights]
+        results.append(steps)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if not bf16 else dict(atol=0.05, rtol=0.02)
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_loss_and_its_gradient_equal_pytorch_cross_entropy(dtype, smoothing):
