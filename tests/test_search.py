@@ -190,7 +190,12 @@ def test_bad_search_arguments_raise_value_error(bad):
 
 @pytest.mark.parametrize("columns", [640, 700, 1000, 8000])  # whole blocks, and a tail after them
 @pytest.mark.parametrize("k", [1, 4, 10])
-def test_top_per_row_equals_topk(columns, k):
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "pytorch"])
+def test_top_per_row_equals_topk(columns, k, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(nmt.search, "kernels", lambda: None)
+    elif nmt.search.kernels() is None:
+        pytest.skip("no C compiler: the kernels are not built")
     generator = torch.Generator().manual_seed(columns + k)
     scores = F.log_softmax(3 * torch.randn(7, columns, generator=generator), dim=1)
     scores[1, :] = float("-inf")  # a row forced to one word, as at the maximum length
@@ -201,6 +206,9 @@ def test_top_per_row_equals_topk(columns, k):
     assert torch.equal(values, expected)
     assert torch.equal(scores.gather(1, columns_), values)
     assert all(len(set(row)) == k for row in columns_.tolist())  # distinct columns
+    if compiled and columns // 64 > 2 * k:  # the kernel's ties in column order: a row of them gives its first k
+        _, first = top_per_row(torch.zeros(2, columns), k)
+        assert first.tolist() == [list(range(k))] * 2
 
 
 def test_beam_search_over_a_wide_vocabulary_equals_plain_topk(monkeypatch):

@@ -6,7 +6,7 @@
  *   attention_*  one decoder step's additive attention (Bahdanau et al. 2015, appendix
  *                A.1.2): the energies e_ij = v_a^T tanh(q_i + k_j), their masked softmax
  *                a_ij and the context c_i = sum_j a_ij h_j, forward and backward;
- *   log_softmax_* a decoding step's log-probabilities;
+ *   log_softmax_* a decoding step's log-probabilities; top_k_rows: their k best words;
  *   smoothed_ce_* the label-smoothed cross-entropy of a block of logits and its
  *                gradient, written over the logits;
  *   gru_*        the GRU's gate arithmetic, forward and backward.
@@ -233,6 +233,57 @@ ATTENTION_BACKWARD(attention_backward_bf16, bf16, load_bf16, bf16)
 
 LOG_SOFTMAX(log_softmax_f32, float, load_f32)
 LOG_SOFTMAX(log_softmax_bf16, bf16, load_bf16)
+
+/* The k largest values of every row of scores [R, V] float32 and their columns, largest
+ * first, into values [R, k] and columns [R, k] (k <= 64; equal values in column order):
+ * the maxima of blocks of `block` columns in one pass, then the largest among the k blocks
+ * with the largest maxima (a value outside them has k block maxima at least as large)
+ * and the columns after the last whole block. */
+static void insert_top(float x, int64_t j, float *top, int64_t *at, int64_t *n, int64_t k) {
+    if (*n == k && !(x > top[k - 1])) return;
+    int64_t i = *n < k ? (*n)++ : k - 1;
+    for (; i > 0 && x > top[i - 1]; i--) {
+        top[i] = top[i - 1];
+        at[i] = at[i - 1];
+    }
+    top[i] = x;
+    at[i] = j;
+}
+
+void top_k_rows(const float *scores, int64_t R, int64_t V, int64_t k, int64_t block, float *values,
+                int64_t *columns, int threads) {
+    int64_t blocks = V / block;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        float *maxima = malloc((blocks + 2 * 64) * sizeof(float)), *best_max = maxima + blocks;
+        int64_t best_block[64];
+        _Pragma("omp for schedule(static)")
+        for (int64_t i = 0; i < R; i++) {
+            const float *x = scores + i * V;
+            for (int64_t b = 0; b < blocks; b++) {
+                float m = -INFINITY;
+                _Pragma("omp simd reduction(max:m)")
+                for (int64_t j = 0; j < block; j++) m = x[b * block + j] > m ? x[b * block + j] : m;
+                maxima[b] = m;
+            }
+            int64_t n = 0;
+            for (int64_t b = 0; b < blocks; b++) insert_top(maxima[b], b, best_max, best_block, &n, k);
+            for (int64_t c = 1; c < n; c++) /* the chosen blocks in column order */
+                for (int64_t d = c; d > 0 && best_block[d - 1] > best_block[d]; d--) {
+                    int64_t swap = best_block[d];
+                    best_block[d] = best_block[d - 1];
+                    best_block[d - 1] = swap;
+                }
+            float *top = values + i * k;
+            int64_t *at = columns + i * k, found = 0;
+            for (int64_t c = 0; c < n; c++)
+                for (int64_t j = best_block[c] * block; j < (best_block[c] + 1) * block; j++)
+                    insert_top(x[j], j, top, at, &found, k);
+            for (int64_t j = blocks * block; j < V; j++) insert_top(x[j], j, top, at, &found, k);
+        }
+        free(maxima);
+    }
+}
 
 /* Label-smoothed cross-entropy of logits [R, V] plus bias [V] float32, rows whose
  * target is `ignore` skipped:

@@ -46,6 +46,7 @@ _SIGNATURES = {
     "gru_forward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
     "gru_backward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
 }
+_UNTYPED = {"top_k_rows": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]}  # float32 only
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNEL_DTYPES = tuple(_SUFFIX)  # what the kernels store tensors in
 
@@ -113,6 +114,10 @@ class Kernels:
                 function = getattr(library, f"{name}_{suffix}")
                 function.argtypes, function.restype = argtypes, None
                 self._functions[name, suffix] = function
+        for name, argtypes in _UNTYPED.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+            self._functions[name, "f32"] = function
 
     def _get(self, name: str, dtype: torch.dtype):
         return self._functions[name, _SUFFIX[dtype]]
@@ -172,6 +177,20 @@ class Kernels:
             logits.size(1), torch.get_num_threads(),
         )
         return out
+
+    def top_k(self, scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+        """``scores.topk(k, dim=1)`` of float32 ``[rows, columns]`` scores, ``k <= 64``,
+        through the maxima of blocks of ``block`` columns (:func:`nmt.search.top_per_row`);
+        equal values in column order."""
+        if not 1 <= k <= 64 or scores.dtype != torch.float32:
+            raise ValueError(f"top_k takes float32 scores and 1 <= k <= 64, got {scores.dtype} and k={k}")
+        _check(scores)
+        rows, columns = scores.shape
+        values, picked = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
+        self._get("top_k_rows", torch.float32)(
+            scores.data_ptr(), rows, columns, k, block, values.data_ptr(), picked.data_ptr(), torch.get_num_threads()
+        )
+        return values, picked
 
     def smoothed_ce_(self, logits: Tensor, bias: Tensor, target: Tensor, ignore_index: int, smoothing: float,
                      losses: Tensor, grad_bias: Tensor | None) -> None:
