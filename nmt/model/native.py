@@ -2,12 +2,13 @@
 
 Training on a CPU spends much of an update in chains of elementwise PyTorch operations,
 each a pass over memory: the attention at every decoder step, the GRU's gates, and the
-vocabulary-sized softmax of the loss (and decoding, of every step's log-probabilities).
-``kernels.c`` does each chain in one pass over data in the cache. It is plain C with OpenMP, compiled here by the system's C compiler (``CC``,
-else ``cc``) for this machine's CPU (``-march=native``) into a shared library cached under
-``$XDG_CACHE_HOME/nmt/kernels`` (``~/.cache/nmt/kernels``), keyed by the source, the compiler and the CPU:
-about a second, once per machine. It needs no Python headers and no build tools but the
-compiler.
+vocabulary-sized softmax of the loss (and decoding, in every step's log-probabilities and
+their best words). ``kernels.c`` does each chain in one pass over data in the cache. It is
+plain C with OpenMP, compiled here by the system's C compiler (``CC``, else ``cc``) for this
+machine's CPU (``-march=native``) into a shared library cached under
+``$XDG_CACHE_HOME/nmt/kernels`` (``~/.cache/nmt/kernels``), keyed by the source, the
+compiler and the CPU: about a second, once per machine. It needs no Python headers and no
+build tools but the compiler.
 
 Where there is no compiler, or ``NMT_NATIVE=0`` is set, :func:`kernels` returns None and
 the callers run their PyTorch operations instead: the same values, more slowly. The
