@@ -84,7 +84,8 @@ class AdditiveAttention(nn.Module):
         if compiled is not None and not torch.is_grad_enabled():
             v_a = self.energy_layer.weight.squeeze(0).float()
             query = projected_query.to(keys.dtype).contiguous()
-            return compiled.attention_forward(query, keys.contiguous(), v_a, mask.contiguous(), annotations.contiguous())
+            keys, annotations, mask = keys.contiguous(), annotations.contiguous(), mask.contiguous()
+            return compiled.attention_forward(query, keys, v_a, mask, annotations)
         weights = self.alignment(projected_query, keys, mask)  # batch*g x src_len
         batch, src_len = mask.shape
         a = weights.type_as(annotations).view(batch, -1, src_len)  # batch x g x src_len
