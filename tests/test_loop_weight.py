@@ -61,8 +61,34 @@ def test_a_batch_of_matrices_as_the_attention_context_gets_plain_autograd_gradie
     torch.testing.assert_close(loop_out, plain)
     for got, want in zip(loop_grads, plain_grads):
         torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="bias"):
-        LoopWeight(annotations, torch.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_matrices_with_biases_gets_plain_autograd_gradients(dtype):
+    """Two recurrences run as one (the two directions of a bidirectional encoder layer):
+    weights [2, out, in] and biases [2, out]; in bf16 the steps' rows are concatenated
+    with zero padding (nmt.model.shapes.concatenate), which changes no gradient."""
+    torch.manual_seed(2)
+    weight = torch.randn(2, 6, 6, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2, 6, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    x = torch.randn(5, 2, 3, 6, dtype=dtype, requires_grad=True)  # steps x 2 x batch x in
+    leaves = (weight, bias, h0, x)
+    grad = torch.randn(5, 2, 3, 6, dtype=dtype)
+    results = []
+    for deferred in (False, True):
+        loop, h, outputs = LoopWeight(weight, bias), h0, []
+        for x_t in x.unbind(0):
+            product = loop(h) if deferred else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+            h = torch.tanh(product + x_t)
+            outputs.append(h)
+        out = torch.stack(outputs)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (plain, plain_grads), (loop_out, loop_grads) = results
+    tolerance = {"rtol": 2e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(loop_out, plain, **tolerance)
+    for got, want in zip(loop_grads, plain_grads):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 def test_deferred_only_when_the_weight_needs_a_gradient():

@@ -207,32 +207,40 @@ def test_training_loss_is_the_same_with_and_without_kernels(monkeypatch, grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("grad", [True, False])
-def test_gru_gates_equal_the_formulas(dtype, masked, grad):
+@pytest.mark.parametrize("parts", ["one", "pair", "pair with other strides"])
+def test_gru_gates_equal_the_formulas(dtype, masked, grad, parts):
     """The kernels' GRU step and its gradients against autograd through the plain
     formulas in float64 on the same stored inputs; the input gates strided, as the
-    encoder's steps of a [batch, src_len, 3 * hidden] projection are, and the mask too."""
+    encoder's steps of a [batch, src_len, 3 * hidden] projection are, and the mask too.
+    The input gates may come as a pair of tensors, the first rows and the rest (the
+    encoder's two directions), each part getting its own gradient."""
     g = torch.Generator().manual_seed(0)
     projected = (torch.randn(6, 4, 3 * 37, generator=g) * 2).to(dtype).requires_grad_(grad)
-    gates_x = projected[:, 1]  # rows 4 * 3 * 37 apart
+    other = (torch.randn(6, 4 if parts == "pair" else 5, 3 * 37, generator=g) * 2).to(dtype).requires_grad_(grad)
+    # rows 4 * 3 * 37 apart (5 * 3 * 37 in the second part, in the last case)
+    gates_x = projected[:, 1] if parts == "one" else (projected[:2, 1], other[2:, 3])
     gates_h = (torch.randn(6, 3 * 37, generator=g) * 2).to(dtype).requires_grad_(grad)
     h = torch.randn(6, 37, generator=g).to(dtype).requires_grad_(grad)
     mask = torch.tensor([[True, True], [True, False], [True, True], [False, False], [True, True], [True, False]])
     real = mask[:, 1:] if masked else None  # [6, 1], rows 2 apart
     probe = torch.randn(6, 37, generator=g)
-    inputs64 = [t.detach().double().requires_grad_() for t in (gates_x, gates_h, h)]
+    whole = torch.cat(gates_x) if parts != "one" else gates_x
+    inputs64 = [t.detach().double().requires_grad_() for t in (whole, gates_h, h)]
     expected = fused_gru_gates(*inputs64, real)  # float64: the plain formulas
     expected_grads = torch.autograd.grad((expected * probe).sum(), inputs64)
-    inputs = [gates_x, gates_h, h]
+    inputs = [*(gates_x if parts != "one" else [gates_x]), gates_h, h]
     with torch.set_grad_enabled(grad):
-        got = fused_gru_gates(*inputs, real)
+        got = fused_gru_gates(gates_x, gates_h, h, real)
     assert got.dtype == dtype and (got.grad_fn is not None) == grad
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(got.double(), expected.detach(), **tolerance)
     if masked:
         assert torch.equal(got[3], h[3]) and torch.equal(got[1], h[1])  # padding keeps the state
     if grad:
-        for name, ours, theirs in zip(("gates_x", "gates_h", "h"), torch.autograd.grad((got * probe).sum(), inputs),
-                                      expected_grads):
+        ours = torch.autograd.grad((got * probe).sum(), inputs)
+        if parts != "one":  # the two parts' gradients, joined
+            ours = (torch.cat(ours[:2]), *ours[2:])
+        for name, ours, theirs in zip(("gates_x", "gates_h", "h"), ours, expected_grads):
             assert ours.dtype == dtype
             torch.testing.assert_close(ours.double(), theirs, **tolerance, msg=name)
 

@@ -36,14 +36,16 @@ def test_linear_pads_bf16_rows_on_a_cpu_and_leaves_float32_alone(monkeypatch):
     assert seen == [(128, 5), (128, 5), (128, 5), (256, 5), (128, 5), (100, 5)]
 
 
-def test_concatenate_adds_zero_rows_for_bf16_matrices_only():
+def test_concatenate_adds_zero_rows_in_bf16_only():
     parts = [torch.randn(n, 3).bfloat16() for n in (50, 60, 30)]
     joined = shapes.concatenate(parts)
     assert joined.shape == (256, 3)
     assert torch.equal(joined[:140], torch.cat(parts)) and joined[140:].abs().sum() == 0
     assert shapes.concatenate([p.float() for p in parts]).shape == (140, 3)
-    batched = [torch.randn(2, n, 3).bfloat16() for n in (5, 6)]  # a batch of matrices: as torch.cat
-    assert torch.equal(shapes.concatenate(batched), torch.cat(batched, dim=-2))
+    batched = [torch.randn(2, n, 3).bfloat16() for n in (5, 6)]  # a batch of matrices: rows of each
+    joined = shapes.concatenate(batched)
+    assert joined.shape == (2, 128, 3)
+    assert torch.equal(joined[:, :11], torch.cat(batched, dim=-2)) and joined[:, 11:].abs().sum() == 0
 
 
 def test_linear_under_autocast_gives_float32_leaves_their_gradients():

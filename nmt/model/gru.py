@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from nmt.model import shapes
-from nmt.model.native import KERNEL_DTYPES, kernels
+from nmt.model.native import KERNEL_DTYPES, GatesX, kernels
 
 CELLS = ("exact", "fused")
 
@@ -161,21 +161,25 @@ class FusedGRUCell(TorchLayoutCell):
         return self.step(self.project_input(x), h)
 
 
-def fused_gru_gates(gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None = None) -> Tensor:
+def fused_gru_gates(gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None = None) -> Tensor:
     """The gate arithmetic of :class:`FusedGRUCell` (``nn.GRU``'s equations).
 
-    :param gates_x: ``[batch, 3 * hidden]`` ``W_i x + b_i``, gate order r, z, n
+    :param gates_x: ``[batch, 3 * hidden]`` ``W_i x + b_i``, gate order r, z, n; or a pair of
+        tensors, its first rows and the rest (the two directions of a bidirectional layer,
+        each from its own projection: the compiled kernels read them where they are)
     :param gates_h: ``[batch, 3 * hidden]`` ``W_h h + b_h``
     :param h: ``[batch, hidden]`` previous state
     :param real: ``[batch, 1]`` bool or None: rows where it is False (padding) keep ``h``
     :return: ``[batch, hidden]`` new state
     """
-    same_dtype = gates_x.dtype == gates_h.dtype == h.dtype
+    parts = gates_x if isinstance(gates_x, tuple) else (gates_x,)
+    same_dtype = all(part.dtype == h.dtype for part in parts) and gates_h.dtype == h.dtype
     compiled = kernels() if same_dtype and h.device.type == "cpu" and h.dtype in KERNEL_DTYPES else None
     if compiled is not None and torch.is_grad_enabled():
-        return _CompiledGRUGates.apply(gates_x, gates_h, h, real, compiled)
+        return _CompiledGRUGates.apply(gates_h, h, real, compiled, *parts)
     if compiled is not None:
         return compiled.gru_forward(gates_x, gates_h, h, real)
+    gates_x = torch.cat(parts) if len(parts) > 1 else gates_x
     if same_dtype and h.device.type == "cpu" and torch.is_grad_enabled():
         return _FusedGRUGates.apply(gates_x, gates_h, h, real)
     if same_dtype and h.is_cuda:
@@ -240,16 +244,18 @@ class _CompiledGRUGates(torch.autograd.Function):
     forward and one backward, the gates recomputed there rather than kept."""
 
     @staticmethod
-    def forward(ctx, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None, compiled) -> Tensor:
-        ctx.save_for_backward(gates_x, gates_h, h, real)
+    def forward(ctx, gates_h: Tensor, h: Tensor, real: Tensor | None, compiled, *gates_x: Tensor) -> Tensor:
+        ctx.save_for_backward(gates_h, h, real, *gates_x)
         ctx.compiled = compiled
-        return compiled.gru_forward(gates_x, gates_h, h, real)
+        return compiled.gru_forward(gates_x if len(gates_x) > 1 else gates_x[0], gates_h, h, real)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        gates_x, gates_h, h, real = ctx.saved_tensors
-        return *ctx.compiled.gru_backward(gates_x, gates_h, h, real, grad), None, None
+        gates_h, h, real, *gates_x = ctx.saved_tensors
+        parts = tuple(gates_x) if len(gates_x) > 1 else gates_x[0]
+        grad_x, grad_gates_h, grad_h = ctx.compiled.gru_backward(parts, gates_h, h, real, grad)
+        return grad_gates_h, grad_h, None, None, *grad_x.split([part.size(0) for part in gates_x])
 
 
 GRUCell = ExactGRUCell | FusedGRUCell
@@ -265,7 +271,7 @@ def make_gru_cell(cell: str, input_size: int, hidden_size: int) -> GRUCell:
 
 
 def run_gru(
-    step: Callable[..., Tensor], gates_x: Tensor, mask: Tensor, reverse: bool = False, step_masks: bool = False
+    step: Callable[[Tensor, Tensor], Tensor], gates_x: Tensor, mask: Tensor, reverse: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Run a GRU over a right-padded batch, starting from a zero state.
 
@@ -279,9 +285,6 @@ def run_gru(
     :param gates_x: ``[batch, src_len, 3 * hidden]``, e.g. from ``cell.project_input``
     :param mask: ``[batch, src_len]`` bool, True on real tokens
     :param reverse: run from the end of the sentence to its start
-    :param step_masks: ``step`` takes ``real_t`` (``[batch, 1]`` bool, True on real
-        tokens) as a third argument and keeps ``h_{t-1}`` where it is False itself
-        (as :func:`fused_gru_gates` does, within its arithmetic)
     :return: states ``[batch, src_len, hidden]`` (zero on padding) and the
         final state ``[batch, hidden]``
     """
@@ -292,7 +295,7 @@ def run_gru(
     gates_t, real_t = gates_x.unbind(1), mask.unsqueeze(2).unbind(1)  # cheaper backward than [:, t]
     for t in steps:
         real = real_t[t]  # batch x 1
-        h = step(gates_t[t], h, real) if step_masks else torch.where(real, step(gates_t[t], h), h)
+        h = torch.where(real, step(gates_t[t], h), h)
         outputs[t] = h
     states = torch.stack(outputs, dim=1) * mask.unsqueeze(2)  # batch x src_len x hidden
     return states, h

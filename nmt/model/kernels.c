@@ -348,8 +348,10 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
 
 /* The GRU of torch.nn.GRU, gate arithmetic only (nmt/model/gru.py: fused_gru_gates), for a
  * batch of B rows: gates_x = W_i x + b_i and gates_h = W_h h + b_h, [B, 3H] in gate order r,
- * z, n (rows ld_x and ld_gh apart), the previous state h [B, H] (rows ld_h apart) and
- * real [B] (bytes ld_real apart; NULL: all real), where 0 keeps h:
+ * z, n (rows ld_x and ld_gh apart; gates_x's rows from `split` on read from gx2, its rows
+ * ld_x apart too: the two directions of a bidirectional layer, each projected on its own),
+ * the previous state h [B, H] (rows ld_h apart) and real [B] (bytes ld_real apart; NULL:
+ * all real), where 0 keeps h:
  *
  *   r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r h_n)
  *   h' = n + z (h - n)                       forward: out [B, H]
@@ -357,11 +359,13 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
  * Backward, from grad [B, H] of h': grad_x [B, 3H], grad_gh [B, 3H] and grad_h [B, H], the
  * gates recomputed. */
 #define GRU_FORWARD(NAME, T, LOAD, STORE)                                                       \
-    void NAME(const T *gx, int64_t ld_x, const T *gh, int64_t ld_gh, const T *h, int64_t ld_h,  \
-              const uint8_t *real, int64_t ld_real, T *out, int64_t B, int64_t H, int threads) { \
+    void NAME(const T *gx, int64_t ld_x, int64_t split, const T *gx2, const T *gh,              \
+              int64_t ld_gh, const T *h, int64_t ld_h, const uint8_t *real, int64_t ld_real,    \
+              T *out, int64_t B, int64_t H, int threads) {                                      \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
         for (int64_t b = 0; b < B; b++) {                                                       \
-            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;                \
+            const T *x = b < split ? gx + b * ld_x : gx2 + (b - split) * ld_x;                  \
+            const T *g = gh + b * ld_gh, *hb = h + b * ld_h;                                    \
             T *o = out + b * H;                                                                 \
             if (real && !real[b * ld_real]) {                                                   \
                 for (int64_t j = 0; j < H; j++) STORE(o, j, LOAD(hb, j));                       \
@@ -381,12 +385,14 @@ GRU_FORWARD(gru_forward_f32, float, load_f32, store_f32)
 GRU_FORWARD(gru_forward_bf16, bf16, load_bf16, store_bf16)
 
 #define GRU_BACKWARD(NAME, T, LOAD, STORE)                                                      \
-    void NAME(const T *gx, int64_t ld_x, const T *gh, int64_t ld_gh, const T *h, int64_t ld_h,  \
+    void NAME(const T *gx, int64_t ld_x, int64_t split, const T *gx2, const T *gh,              \
+              int64_t ld_gh, const T *h, int64_t ld_h,                                          \
               const uint8_t *real, int64_t ld_real, const T *grad, T *grad_x, T *grad_gh,       \
               T *grad_h, int64_t B, int64_t H, int threads) {                                   \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
         for (int64_t b = 0; b < B; b++) {                                                       \
-            const T *x = gx + b * ld_x, *g = gh + b * ld_gh, *hb = h + b * ld_h;                \
+            const T *x = b < split ? gx + b * ld_x : gx2 + (b - split) * ld_x;                  \
+            const T *g = gh + b * ld_gh, *hb = h + b * ld_h;                                    \
             const T *go = grad + b * H;                                                         \
             T *dx = grad_x + b * 3 * H, *dg = grad_gh + b * 3 * H, *dh = grad_h + b * H;        \
             if (real && !real[b * ld_real]) { /* padding: the state passes through */           \

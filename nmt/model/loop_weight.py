@@ -12,7 +12,8 @@ to the order of a sum.
 A weight may also be a batch of matrices ``[batch, out, in]``, each step's input then
 ``[batch, rows, in]``: the attention's context ``c_i = a_i^T H`` is such a product, with
 the annotations H as the weight, whose gradient ``sum_i a_i g_i^T`` becomes one batched
-matmul instead of an outer product per step.
+matmul instead of an outer product per step; and so are the recurrent weights of a
+bidirectional layer's two directions, run as one loop (nmt.model.encoder).
 
 Under autocast the weight is cast once per forward pass, and the products run in the
 autocast dtype. Without gradients a LoopWeight is just ``add + x W^T + b``. Not
@@ -30,11 +31,9 @@ from torch.autograd.function import once_differentiable
 class LoopWeight:
     """``W`` ``[out, in]`` and an optional bias ``b`` ``[out]``, for ``add + x W^T + b``
     at every step of one forward pass: make one per forward, call it at each step.
-    ``W`` may be a batch ``[batch, out, in]`` (without a bias)."""
+    ``W`` may be a batch ``[batch, out, in]``, its bias then ``[batch, out]``."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        if weight.dim() != 2 and bias is not None:
-            raise ValueError("LoopWeight: a bias goes with a single matrix, not a batch of them")
         # (backward pass id, x_t, g_t), filled by the backward pass. The autograd nodes
         # hold this list, not the LoopWeight: no reference cycle through the graph.
         self.steps: list[tuple[int, Tensor, Tensor]] = []
@@ -62,11 +61,13 @@ class LoopWeight:
 
 
 def _product(x: Tensor, base: Tensor | None, weight: Tensor) -> Tensor:
-    """``base + x W^T``, for one matrix ``W`` or a batch of them."""
+    """``base + x W^T``, for one matrix ``W`` or a batch of them (base ``[batch, rows, out]``,
+    or a bias ``[batch, out]``)."""
     if weight.dim() == 2:
         return x @ weight.t() if base is None else torch.addmm(base, x, weight.t())
-    product = torch.bmm(x, weight.mT)
-    return product if base is None else product.add_(base)
+    if base is None:
+        return torch.bmm(x, weight.mT)
+    return torch.baddbmm(base.unsqueeze(1) if base.dim() == 2 else base, x, weight.mT)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -106,7 +107,7 @@ class _Enter(torch.autograd.Function):
         # bf16 on a CPU: the rows padded with zeros to few shapes (see nmt.model.shapes)
         x = concatenate([x for x, _ in steps])  # (batch * steps) x in, or batch x (rows * steps) x in
         g = concatenate([g for _, g in steps])  # (batch * steps) x out, ...
-        return None, g.mT @ x, (g.sum(0) if ctx.has_bias else None)
+        return None, g.mT @ x, (g.sum(-2) if ctx.has_bias else None)
 
 
 class _Step(torch.autograd.Function):

@@ -44,12 +44,15 @@ _SIGNATURES = {
     "attention_backward": [_P] * 12 + [_I] * 4 + [ctypes.c_int],
     "log_softmax": [_P, _P, _P, _I, _I, ctypes.c_int],
     "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
-    "gru_forward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
-    "gru_backward": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
+    "gru_forward": [_P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
+    "gru_backward": [_P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
 }
 _UNTYPED = {"top_k_rows": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]}  # float32 only
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNEL_DTYPES = tuple(_SUFFIX)  # what the kernels store tensors in
+# A GRU step's input gates: ``[batch, 3 * hidden]``, or a pair of tensors holding its first
+# rows and the rest (see nmt.model.gru.fused_gru_gates)
+GatesX = Tensor | tuple[Tensor, Tensor]
 
 
 def _cpu_signature() -> str:
@@ -206,26 +209,29 @@ class Kernels:
             losses.data_ptr(), grad_bias.data_ptr() if grad_bias is not None else None, torch.get_num_threads(),
         )
 
-    def gru_forward(self, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None) -> Tensor:
+    def gru_forward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None) -> Tensor:
         """The new state of :func:`nmt.model.gru.fused_gru_gates` (same arguments; all of one
         dtype, rows may be strided)."""
-        gates_x, gates_h, h = _rows(gates_x), _rows(gates_h), _rows(h)
+        # (the parts held here until the call returns: _gates_x may have copied them)
+        (first, rest), gates_h, h = _gates_x(gates_x), _rows(gates_h), _rows(h)
         out = torch.empty(h.shape, dtype=h.dtype)
         self._get("gru_forward", h.dtype)(
-            *_strided(gates_x, gates_h, h), *_strided_mask(real), out.data_ptr(), h.size(0), h.size(1),
-            torch.get_num_threads(),
+            *_strided_pair(first, rest), *_strided(gates_h, h), *_strided_mask(real), out.data_ptr(), h.size(0),
+            h.size(1), torch.get_num_threads(),
         )
         return out
 
-    def gru_backward(self, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None,
+    def gru_backward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None,
                      grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The gradients of :meth:`gru_forward`'s inputs gates_x, gates_h and h from its
-        output's, the gates recomputed."""
-        gates_x, gates_h, h, grad = _rows(gates_x), _rows(gates_h), _rows(h), grad.contiguous()
-        grad_x, grad_gates_h, grad_h = torch.empty_like(gates_h), torch.empty_like(gates_h), torch.empty_like(grad)
+        output's, the gates recomputed; gates_x's ``[batch, 3 * hidden]`` whole (a view of it
+        for each of a pair's parts)."""
+        (first, rest), gates_h, h, grad = _gates_x(gates_x), _rows(gates_h), _rows(h), grad.contiguous()
+        grad_x, grad_gates_h = torch.empty_like(gates_h), torch.empty_like(gates_h)
+        grad_h = torch.empty_like(grad)
         self._get("gru_backward", h.dtype)(
-            *_strided(gates_x, gates_h, h), *_strided_mask(real), grad.data_ptr(), grad_x.data_ptr(),
-            grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
+            *_strided_pair(first, rest), *_strided(gates_h, h), *_strided_mask(real), grad.data_ptr(),
+            grad_x.data_ptr(), grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
         )
         return grad_x, grad_gates_h, grad_h
 
@@ -233,6 +239,24 @@ class Kernels:
 def _rows(t: Tensor) -> Tensor:
     """``t`` ``[rows, n]``, each row contiguous (rows may be further apart)."""
     return t if t.stride(1) == 1 and t.device.type == "cpu" else t.contiguous().cpu()
+
+
+def _gates_x(gates_x: GatesX) -> tuple[Tensor, Tensor | None]:
+    """A step's input gates as the kernels read them: its (first) rows and the rest (None for
+    one tensor), each row contiguous, and rows as far apart in both parts."""
+    if not isinstance(gates_x, tuple):
+        return _rows(gates_x), None
+    first, rest = (_rows(part) for part in gates_x)
+    if first.size(0) > 1 and rest.size(0) > 1 and first.stride(0) != rest.stride(0):
+        first, rest = first.contiguous(), rest.contiguous()
+    return first, rest
+
+
+def _strided_pair(first: Tensor, rest: Tensor | None) -> list:
+    """The kernels' gates_x arguments (from :func:`_gates_x`): the first part's pointer, the
+    row stride (one row's is no matter), the first part's rows and the rest's pointer."""
+    stride = first.stride(0) if rest is None or first.size(0) > 1 else rest.stride(0)
+    return [first.data_ptr(), stride, first.size(0), rest.data_ptr() if rest is not None else None]
 
 
 def _strided(*tensors: Tensor) -> list:

@@ -39,13 +39,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def concatenate(tensors: list[Tensor]) -> Tensor:
-    """``torch.cat(tensors, dim=-2)``; for matrices in bf16 on a CPU, with zero rows after
-    them up to a multiple of :data:`ROW_QUANTUM` (for products that sum over the rows)."""
+    """``torch.cat(tensors, dim=-2)``; in bf16 on a CPU, with zero rows after them up to a
+    multiple of :data:`ROW_QUANTUM` (for products that sum over the rows)."""
     first = tensors[0]
-    if first.dim() != 2 or first.dtype != torch.bfloat16 or first.device.type != "cpu":
+    if first.dtype != torch.bfloat16 or first.device.type != "cpu":
         return torch.cat(tensors, dim=-2)
-    rows = sum(t.size(0) for t in tensors)
-    out = first.new_empty(rows + (-rows % ROW_QUANTUM), first.size(1))
-    torch.cat(tensors, out=out[:rows])
-    out[rows:].zero_()
+    rows = sum(t.size(-2) for t in tensors)
+    out = first.new_empty(*first.shape[:-2], rows + (-rows % ROW_QUANTUM), first.size(-1))
+    torch.cat(tensors, dim=-2, out=out[..., :rows, :])
+    out[..., rows:, :].zero_()
     return out
