@@ -41,7 +41,7 @@ from nmt.recipe import Recipe, dump_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
 from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
 from nmt.train_utils import (LRSchedule, MetricsLog, RunLock, RunLockedError, StopRequest, TrainError, log,
-                             make_optimizer, precision_name, set_aside, setup_precision)
+                             keep_freed_memory, make_optimizer, precision_name, set_aside, setup_precision)
 from nmt.translate import SearchOptions, Translator
 
 
@@ -120,6 +120,8 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     dev = world.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if dev.type == "cpu":
+        keep_freed_memory()
     bf16 = setup_precision(cfg.precision, dev)
 
     # Data: encoded corpora (memory-mapped) and the raw validation text for BLEU.

@@ -40,7 +40,7 @@ from nmt.model.cells import gate_count
 from nmt.recipe import load_recipe
 from nmt.runs import test_splits_of
 from nmt.train import train_step
-from nmt.train_utils import make_optimizer, pick_device, precision_name, setup_precision
+from nmt.train_utils import keep_freed_memory, make_optimizer, pick_device, precision_name, setup_precision
 from nmt.translate import SearchOptions, Translator
 
 
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":  # as nmt train does
+        keep_freed_memory()
     use_bf16 = setup_precision(cfg.precision, device)
 
     data = run_dir / "data"
