@@ -9,7 +9,8 @@
  *   log_softmax_* a decoding step's log-probabilities; top_k_rows: their k best words;
  *   smoothed_ce_* the label-smoothed cross-entropy of a block of logits and its
  *                gradient, written over the logits;
- *   gru_*        the GRU's gate arithmetic, forward and backward.
+ *   gru_*        the GRU's gate arithmetic, forward and backward;
+ *   dropout_*    dropout, its mask drawn by counter from a seed, forward and backward.
  *
  * Plain C99 with OpenMP (the libgomp that PyTorch loaded), on as many threads as the caller
  * passes: torch.get_num_threads(), which the parallel decoding workers set to one.
@@ -426,3 +427,26 @@ GRU_FORWARD(gru_forward_bf16, bf16, load_bf16, store_bf16)
 
 GRU_BACKWARD(gru_backward_f32, float, load_f32, store_f32)
 GRU_BACKWARD(gru_backward_bf16, bf16, load_bf16, store_bf16)
+
+/* Dropout (nmt/model/dropout.py): out = x / (1 - p) where element i is kept, 0 elsewhere, for
+ * n contiguous elements. Element i is kept when the high 32 bits of mix(seed + i * golden),
+ * the finaliser of splitmix64 (Steele et al. 2014), reach threshold = p * 2^32: a generator
+ * by counter, so the backward pass, run on the output's gradient with the same seed, drops
+ * the same elements without a stored mask. */
+static inline uint32_t dropout_bits(uint64_t seed, int64_t i) {
+    uint64_t z = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+
+#define DROPOUT(NAME, T, LOAD, STORE)                                                           \
+    void NAME(const T *x, T *out, int64_t n, uint64_t seed, uint32_t threshold, float scale,    \
+              int threads) {                                                                    \
+        _Pragma("omp parallel for simd num_threads(threads) schedule(static) if(n > 65536)")    \
+        for (int64_t i = 0; i < n; i++)                                                         \
+            STORE(out, i, dropout_bits(seed, i) >= threshold ? LOAD(x, i) * scale : 0.0f);      \
+    }
+
+DROPOUT(dropout_f32, float, load_f32, store_f32)
+DROPOUT(dropout_bf16, bf16, load_bf16, store_bf16)

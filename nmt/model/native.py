@@ -46,6 +46,7 @@ _SIGNATURES = {
     "smoothed_ce": [_P, _P, _I, _I, _P, _I, _F, _P, _P, ctypes.c_int],
     "gru_forward": [_P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
     "gru_backward": [_P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int],
+    "dropout": [_P, _P, _I, ctypes.c_uint64, ctypes.c_uint32, _F, ctypes.c_int],
 }
 _UNTYPED = {"top_k_rows": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]}  # float32 only
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -234,6 +235,18 @@ class Kernels:
             grad_x.data_ptr(), grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
         )
         return grad_x, grad_gates_h, grad_h
+
+    def dropout(self, x: Tensor, p: float, seed: int) -> Tensor:
+        """``x`` with each element zeroed with probability ``p`` (to 2^-32) and the rest
+        scaled by ``1 / (1 - p)``, the elements chosen by ``seed`` (``0 <= seed < 2^64``) and
+        their position alone: the same seed on the output's gradient is the backward pass."""
+        _check(x)
+        out = torch.empty_like(x)
+        self._get("dropout", x.dtype)(
+            x.data_ptr(), out.data_ptr(), x.numel(), seed, min(round(p * 2**32), 2**32 - 1), 1.0 / (1.0 - p),
+            torch.get_num_threads(),
+        )
+        return out
 
 
 def _rows(t: Tensor) -> Tensor:
