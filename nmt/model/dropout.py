@@ -29,7 +29,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return F.dropout(x, p, training)
     compiled = kernels() if x.dtype in KERNEL_DTYPES else None
     if compiled is not None:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, ()).item()) % 2**64
+        seed = int(torch.randint(0, 2**63 - 1, ()).item())  # (an int64: the profiler records it)
         return _CompiledDropout.apply(x, p, seed, compiled)
     return _Dropout.apply(x, p)
 
