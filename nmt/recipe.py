@@ -130,7 +130,8 @@ class TrainConfig:
     patience: int = _f(0, "stop after N validations without BLEU improvement (0: off)", min=0)
     log_every: int = _f(50, "write a metrics line every N updates", min=1)
     precision: str = _f(
-        "auto", "auto (fp32; TF32 matmuls on GPU), fp32 (strict), or bf16 autocast",
+        "auto", "auto (GPU: fp32 with TF32 matmuls; CPU: bf16 autocast where it has bf16 matrix instructions, "
+        "AMX or AVX-512 bf16, else fp32), fp32 (strict), or bf16 autocast",
         choices=["auto", "fp32", "bf16"],
     )
     threads: int = _f(0, "CPU threads (0: all cores)", min=0)

@@ -150,15 +150,19 @@ def test_tiny_recipe_end_to_end_on_multi30k(tmp_path):
     assert len(translate.stdout.split("\n")) == 4 and translate.stdout.split("\n")[1] == ""
 
 
-@pytest.mark.parametrize("precision,bf16,name", [("auto", False, "fp32"), ("fp32", False, "fp32"),
-                                                  ("bf16", True, "bf16 autocast")])
-def test_precision_on_cpu(precision, bf16, name):
-    """On a CPU, auto is plain fp32; only bf16 turns autocast on (TF32 is a GPU matter)."""
+@pytest.mark.parametrize("has_bf16", [False, True])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_precision_on_cpu(monkeypatch, precision, has_bf16):
+    """On a CPU, auto is bf16 autocast where the CPU has bf16 matrix instructions and plain
+    fp32 elsewhere; fp32 and bf16 are what they say (TF32 is a GPU matter)."""
+    from nmt import train_utils
     from nmt.train_utils import precision_name, setup_precision
 
+    monkeypatch.setattr(train_utils, "cpu_has_bf16_matmuls", lambda: has_bf16)
     cpu = torch.device("cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and has_bf16)
     assert setup_precision(precision, cpu) is bf16
-    assert precision_name(bf16, cpu) == name
+    assert precision_name(bf16, cpu) == ("bf16 autocast" if bf16 else "fp32")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

@@ -52,6 +52,7 @@ train:
   log_every: 5
   label_smoothing: 0.0
   threads: 1
+  precision: fp32  # the same arithmetic on every machine (auto depends on the CPU)
 decode:
   beam_size: 2
 """
