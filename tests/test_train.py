@@ -193,26 +193,45 @@ def test_cpu_optimizer_is_fused_and_steps_like_the_plain_one(optimizer):
         torch.testing.assert_close(a, b)
 
 
-_FAULTS = """
-import resource, sys, torch
+_KEPT = """
+import ctypes, resource, torch
 from nmt.train_utils import keep_freed_memory
 assert keep_freed_memory()
-def update():  # three 20 MB blocks written, then freed, as an update's activations are
-    blocks = [torch.ones(5 << 20) for _ in range(3)]
+
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+
+
+def update():  # six 20 MB blocks written, then freed, as an update's activations are
+    blocks = [torch.ones(5 << 20) for _ in range(6)]
     del blocks
+
+
 for _ in range(3):  # the heap grows to its size
     update()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     update()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10, mallinfo2().fordblks >> 20)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and its page-fault count")
 def test_freed_memory_is_kept_for_the_next_update():
-    """After keep_freed_memory (which CPU training calls), memory an update frees is reused
-    by the next one without page faults. Without it, glibc hands one of the three blocks
-    back and faults its 5,120 pages in again every time (checked by hand)."""
-    run = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
-    assert int(run.stdout) < 1000, run.stdout
+    """After keep_freed_memory (which CPU training calls), the memory an update frees stays
+    in the heap and the next update reuses it without page faults. glibc's default returns
+    such blocks in some runs and not in others: in this pattern up to 30,688 faults an
+    update and 0-180 MB kept (5 runs), in an update of the recipe 7,000-10,500 faults."""
+    run = subprocess.run([sys.executable, "-c", _KEPT], capture_output=True, text=True)
+    if "mallinfo2" in run.stderr:
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+    assert run.returncode == 0, run.stderr
+    faults, free_mb = map(int, run.stdout.split())
+    assert faults < 1280, faults  # a quarter of one block's 5,120 pages
+    assert free_mb >= 256, free_mb  # the 120 MB freed, in a heap grown 256 MB at a time
