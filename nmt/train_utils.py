@@ -88,10 +88,10 @@ def keep_freed_memory() -> bool:
     Each CPU update allocates and frees tensors of megabytes (activations, gradients,
     concatenated steps). By default glibc returns big freed blocks to the system (blocks
     over a dynamic threshold are mapped and unmapped, and the heap's free top is trimmed),
-    so the next update faults the same memory in again, page by page: 7,000-9,500 page
+    so the next update faults the same memory in again, page by page: 7,000-10,500 page
     faults an update of the multi30k recipe. Blocks up to 32 MB from the heap, no trimming
     below 1 GB and the heap grown 256 MB at a time leave about 3,000, and bf16 updates take
-    3-7% less time; peak memory is unchanged, as freed memory is reused, not added to.
+    2-7% less time; peak memory is unchanged, as freed memory is reused, not added to.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # this process's C library
