@@ -180,37 +180,43 @@ def beam_search(
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
     k, device = beam_size, src.device
-    n = src.size(0)  # sentences still in the batch; beam b of sentence s is row s * k + b
+    # n: sentences still in the batch, w: rows per sentence, row s * w + b its beam b. At
+    # the first step a sentence has one hypothesis (bos), so one row (w = 1), not k equal
+    # ones; from the second on, k. Its encoding is shared by its rows.
+    n, w = src.size(0), 1
     src_lens = src_lengths.tolist()
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
-    # each sentence's state k times; its encoding once, shared by its beams
-    state = model.reorder_state(state, torch.arange(n, device=device).repeat_interleave(k))
 
     sentence_ids = torch.arange(n, device=device)  # batch sentence -> input sentence
     max_lens = _max_lengths(src_lengths.cpu(), max_len_a, max_len_b)  # n, on the CPU
     n_finished = torch.zeros(n, dtype=torch.long, device=device)  # n
-    scores = torch.full((n, k), float("-inf"), device=device)  # n x k, raw log-probs
-    scores[:, 0] = 0.0  # a single live beam at first, so that no hypothesis is repeated
-    prev_tokens = torch.full((n * k,), model.bos_id, dtype=torch.long, device=device)
-    tokens = src.new_empty(n * k, 0)  # n*k x step
-    attention = torch.empty(n * k, 0, src.size(1), device=device)  # n*k x step x src_len
+    scores = torch.zeros(n, w, device=device)  # n x w, raw log-probs
+    prev_tokens = torch.full((n * w,), model.bos_id, dtype=torch.long, device=device)
+    tokens = src.new_empty(n * w, 0)  # n*w x step
+    attention = torch.empty(n * w, 0, src.size(1), device=device)  # n*w x step x src_len
     finished: list[list[Hypothesis]] = [[] for _ in range(n)]
 
     step = 0
     while n > 0:
-        log_probs, state, weights = model.decode_step(prev_tokens, state, enc)  # n*k x vocab
-        force_eos = (max_lens <= step).repeat_interleave(k)
+        log_probs, state, weights = model.decode_step(prev_tokens, state, enc)  # n*w x vocab
+        if w < k and w * log_probs.size(1) < 2 * k:  # too few words for 2k candidates: k rows,
+            rows = torch.arange(n, device=device).repeat_interleave(k)  # all but one at -inf
+            log_probs, weights, state = log_probs[rows], weights[rows], model.reorder_state(state, rows)
+            tokens, attention = tokens[rows], attention[rows]
+            scores = torch.cat([scores, scores.new_full((n, k - w), float("-inf"))], dim=1)
+            w = k
+        force_eos = (max_lens <= step).repeat_interleave(w)
         log_probs = _restrict(log_probs, model, force_eos)
         # The 2k best extensions of a sentence are among the 2k best of each of its
         # beams: rank each beam's words first, then only k x 2k candidates, instead of
         # adding the scores to, and ranking, the whole k x vocabulary.
         per_beam = min(2 * k, log_probs.size(1))
-        beam_scores, beam_tokens = top_per_row(log_probs, per_beam)  # n*k x per_beam
-        candidates = (scores.view(-1, 1) + beam_scores).view(n, k * per_beam)
+        beam_scores, beam_tokens = top_per_row(log_probs, per_beam)  # n*w x per_beam
+        candidates = (scores.view(-1, 1) + beam_scores).view(n, w * per_beam)
         top_scores, top_ids = candidates.topk(2 * k, dim=1)  # n x 2k
-        top_tokens = beam_tokens.view(n, k * per_beam).gather(1, top_ids)  # n x 2k
-        top_rows = top_ids // per_beam + k * torch.arange(n, device=device).unsqueeze(1)  # n x 2k
+        top_tokens = beam_tokens.view(n, w * per_beam).gather(1, top_ids)  # n x 2k
+        top_rows = top_ids // per_beam + w * torch.arange(n, device=device).unsqueeze(1)  # n x 2k
         ends = top_tokens == model.eos_id  # n x 2k
 
         # Set aside hypotheses that end in eos within the top k.
@@ -250,6 +256,7 @@ def beam_search(
         state = model.reorder_state(state, live_rows)
         tokens = torch.cat([tokens[live_rows], prev_tokens.unsqueeze(1)], dim=1)
         attention = torch.cat([attention[live_rows], weights[live_rows].unsqueeze(1)], dim=1)
+        w = k
         step += 1
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
