@@ -10,6 +10,8 @@ theirs. The members must share one target vocabulary and one source tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,14 @@ class Ensemble:
 
     def reorder_state(self, state: list, index: Tensor) -> list:
         return [m.reorder_state(s, index) for m, s in zip(self.models, state)]
+
+    @contextmanager
+    def reusing_decoding_weights(self) -> Iterator[None]:
+        """Every member's :meth:`nmt.model.Seq2Seq.reusing_decoding_weights`."""
+        with ExitStack() as stack:
+            for m in self.models:
+                stack.enter_context(m.reusing_decoding_weights())
+            yield
 
 
 def load_ensemble(paths: list, device="cpu"):

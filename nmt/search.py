@@ -20,7 +20,7 @@ Rules shared by both searches:
 """
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import Tensor
@@ -55,6 +55,12 @@ class Decodable(Protocol):
         ...
 
     def reorder_state(self, state: State, index: Tensor) -> State: ...
+
+    def reusing_decoding_weights(self) -> ContextManager[None]:
+        """A block within which the parameters do not change, so that what a search
+        prepares from them is made once for many batches (``translate_ids`` wraps its
+        batches in it)."""
+        ...
 
 
 @dataclass

@@ -96,11 +96,12 @@ def translate_ids(
     if workers is None:
         workers = torch.get_num_threads() if device.type == "cpu" else 1
     workers = max(1, min(workers, len(batches)))
-    if workers == 1:
-        found = [search(batch) for batch in batches]
-    else:
-        with _intra_op_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(search, batches))
+    with model.reusing_decoding_weights():  # made once for all the batches
+        if workers == 1:
+            found = [search(batch) for batch in batches]
+        else:
+            with _intra_op_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
+                found = list(pool.map(search, batches))
     results: list[list[Hypothesis] | None] = [None] * len(sources)
     for batch, hyps in zip(batches, found):
         for i, h in zip(batch, hyps):

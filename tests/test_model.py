@@ -373,3 +373,31 @@ def test_exact_model_trains():
     _, losses = train_reverser("exact", steps=100)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_decoding_weights_are_made_once_per_translation_and_not_kept_past_it():
+    """Inside reusing_decoding_weights, the batches of a translation share the decoder's
+    stacked matrices (one set per autocast dtype); outside, every batch makes its own, so
+    a parameter changed in place in between (as an optimizer step does, without a trace
+    to check) is always seen."""
+    model = tiny_model("fused", 1)
+    src, src_lengths = pad_batch([SHORT, LONG])
+
+    def matrices():
+        with torch.inference_mode():
+            return model.encode(src, src_lengths).decoding
+
+    assert matrices() is not matrices()
+    with model.reusing_decoding_weights():
+        first = matrices()
+        with model.reusing_decoding_weights():  # nested, as an ensemble of one model twice
+            assert matrices() is first
+        assert matrices() is first
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.encode(src, src_lengths).decoding
+        assert bf16.context.dtype == torch.bfloat16 and bf16 is not first
+    with torch.no_grad():
+        model.decoder.deep_output.bias.add_(1.0)  # in embedding_bias, a concatenation (a copy)
+    deep_bias = model.decoder.deep_output.bias
+    assert torch.equal(matrices().embedding_bias[-deep_bias.numel():], deep_bias)
+    assert not torch.equal(first.embedding_bias[-deep_bias.numel():], deep_bias)

@@ -5,6 +5,7 @@ forcing), ``encode``, ``init_state``, ``decode_step`` and ``reorder_state``.
 """
 
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,11 @@ class Seq2Seq(nn.Module):
             return compiled.log_softmax(logits, matrices.output_bias.float()), state, weights
         logits = self.decoder.logits(features, matrices)
         return F.log_softmax(logits, dim=-1, dtype=torch.float32), state, weights
+
+    def reusing_decoding_weights(self) -> ContextManager[None]:
+        """A block within which the parameters do not change (one translation's batches):
+        see :meth:`Decoder.reusing_decoding_weights`."""
+        return self.decoder.reusing_decoding_weights()
 
     @staticmethod
     def reorder_state(state: DecoderState, index: Tensor) -> DecoderState:
