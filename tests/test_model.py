@@ -377,9 +377,9 @@ def test_exact_model_trains():
 
 def test_decoding_weights_are_made_once_per_translation_and_not_kept_past_it():
     """Inside reusing_decoding_weights, the batches of a translation share the decoder's
-    stacked matrices (one set per autocast dtype); outside, every batch makes its own, so
-    a parameter changed in place in between (as an optimizer step does, without a trace
-    to check) is always seen."""
+    stacked matrices (one set per autocast dtype), also with blocks nested in it or
+    overlapping it; once the last block closes nothing is kept, so a parameter changed in
+    place in between (as an optimizer step does, without a trace to check) is seen."""
     model = tiny_model("fused", 1)
     src, src_lengths = pad_batch([SHORT, LONG])
 
@@ -396,6 +396,11 @@ def test_decoding_weights_are_made_once_per_translation_and_not_kept_past_it():
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model.encode(src, src_lengths).decoding
         assert bf16.context.dtype == torch.bfloat16 and bf16 is not first
+        other = model.reusing_decoding_weights()  # another thread's translation, say, which
+        other.__enter__()  # begins inside this block and ends after it
+    assert matrices() is first
+    other.__exit__(None, None, None)
+    assert matrices() is not first  # the last block closed: nothing kept
     with torch.no_grad():
         model.decoder.deep_output.bias.add_(1.0)  # in embedding_bias, a concatenation (a copy)
     deep_bias = model.decoder.deep_output.bias

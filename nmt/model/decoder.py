@@ -1,5 +1,6 @@
 """Attentional recurrent decoder with a deep output (Bahdanau et al. 2015, appendix A.2.2)."""
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
@@ -15,6 +16,7 @@ from nmt.model.gru import ExactGRUCell
 from nmt.model.loop_weight import LoopWeight, autocast_dtype
 
 INIT_STATES = ("bridge", "mean", "zero")
+_REUSE_LOCK = threading.Lock()  # Decoder.reusing_decoding_weights's entries and exits
 
 
 class StepWeights(NamedTuple):
@@ -159,7 +161,8 @@ class Decoder(nn.Module):
         pool = 2 if maxout else 1
         self.deep_output = nn.Linear(hidden_size + emb_dim + annotation_size, pool * out_dim)
         self.output_layer = nn.Linear(out_dim, vocab_size)  # W_o
-        self._reused: dict | None = None  # see reusing_decoding_weights
+        self._reused: dict | None = None  # see reusing_decoding_weights: autocast dtype -> weights
+        self._reusers = 0  # its blocks open
 
     def init_state(self, annotations: Tensor, backward_h1: Tensor, src_mask: Tensor) -> DecoderState:
         """The initial state s_0 of every layer.
@@ -275,12 +278,17 @@ class Decoder(nn.Module):
         autocast dtype, not for every batch (in bf16 its casts took 2-3% of beam search).
         Nothing is kept past the block: an optimizer may change the parameters in place
         without a trace to check (PyTorch's fused Adam does not move their version counters)."""
-        outer = self._reused
-        self._reused = {} if outer is None else outer
+        with _REUSE_LOCK:  # (a server's threads may translate with one model at once)
+            self._reusers += 1
+            if self._reused is None:
+                self._reused = {}
         try:
             yield
         finally:
-            self._reused = outer
+            with _REUSE_LOCK:
+                self._reusers -= 1
+                if self._reusers == 0:  # the last block open, nested or in another thread
+                    self._reused = None
 
     def decoding_weights(self) -> DecodingWeights:
         """The stacked matrices of :meth:`step` (see :class:`DecodingWeights`), cast to the
