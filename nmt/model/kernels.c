@@ -359,13 +359,16 @@ SMOOTHED_CE(smoothed_ce_bf16, bf16, load_bf16, store_bf16)
  *
  * Backward, from grad [B, H] of h': grad_x [B, 3H], grad_gh [B, 3H] and grad_h [B, H], the
  * gates recomputed. */
+/* Row b of gates_x: from gx below `split`, from gx2 after (both kernels' convention). */
+#define GATES_X_ROW(b) ((b) < split ? gx + (b) * ld_x : gx2 + ((b) - split) * ld_x)
+
 #define GRU_FORWARD(NAME, T, LOAD, STORE)                                                       \
     void NAME(const T *gx, int64_t ld_x, int64_t split, const T *gx2, const T *gh,              \
               int64_t ld_gh, const T *h, int64_t ld_h, const uint8_t *real, int64_t ld_real,    \
               T *out, int64_t B, int64_t H, int threads) {                                      \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
         for (int64_t b = 0; b < B; b++) {                                                       \
-            const T *x = b < split ? gx + b * ld_x : gx2 + (b - split) * ld_x;                  \
+            const T *x = GATES_X_ROW(b);                                                        \
             const T *g = gh + b * ld_gh, *hb = h + b * ld_h;                                    \
             T *o = out + b * H;                                                                 \
             if (real && !real[b * ld_real]) {                                                   \
@@ -392,7 +395,7 @@ GRU_FORWARD(gru_forward_bf16, bf16, load_bf16, store_bf16)
               T *grad_h, int64_t B, int64_t H, int threads) {                                   \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(B * H > 32768)")     \
         for (int64_t b = 0; b < B; b++) {                                                       \
-            const T *x = b < split ? gx + b * ld_x : gx2 + (b - split) * ld_x;                  \
+            const T *x = GATES_X_ROW(b);                                                        \
             const T *g = gh + b * ld_gh, *hb = h + b * ld_h;                                    \
             const T *go = grad + b * H;                                                         \
             T *dx = grad_x + b * 3 * H, *dg = grad_gh + b * 3 * H, *dh = grad_h + b * H;        \
