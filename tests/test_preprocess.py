@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT, synthetic_pairs, write_split
 from nmt.data import DataError, EncodedCorpus, is_fresh, load_tokenizers, preprocess, read_text_split
-from nmt.data.corpus import TokenArrayWriter, token_dtype
+from nmt.data.corpus import TokenArrayWriter, clean_text_file, token_dtype
 
 
 def _local(make_recipe, folder: Path, tokenizer=None, **data):
@@ -126,6 +126,25 @@ def test_caching_redoes_only_what_changed(corpus_dir, make_recipe, tmp_path, cap
     with pytest.raises(DataError, match="file not found"):  # force re-reads the (gone) source
         preprocess(shorter, run, force=True)
     assert is_fresh(shorter, run)  # ... and the failed run left the good output alone
+
+
+def test_missing_or_changed_text_files_are_read_again_not_reused(corpus_dir, make_recipe, tmp_path, capsys):
+    """A run folder whose cleaned text was deleted or edited (by hand, or a copy that left
+    it out) is read from the source again when another stage must be redone."""
+    run = tmp_path / "run"
+    preprocess(_local(make_recipe, corpus_dir), run)
+    for broken in ("deleted", "edited"):
+        victim = run / "data" / clean_text_file("src")
+        if broken == "deleted":
+            victim.unlink()
+        else:
+            victim.write_text("ein anderer Text\n", encoding="utf-8")
+        capsys.readouterr()
+        recipe = _local(make_recipe, corpus_dir, {"vocab_size": 90 if broken == "deleted" else 95})
+        manifest = preprocess(recipe, run)
+        err = capsys.readouterr().err
+        assert "reading de-en" in err and "reusing the cleaned training text" not in err, broken
+        assert is_fresh(recipe, run) and manifest["splits"]["train"]["pairs"] > 1
 
 
 def test_force_redoes_everything(corpus_dir, make_recipe, tmp_path, capsys):

@@ -63,7 +63,8 @@ def preprocess(recipe, run_dir: Path, *, data_dir: Path | None = None, force: bo
     if old is not None and _is_current(old, keys, out):
         _log(f"{out} is up to date (data and tokenizer sections unchanged); nothing to do")
         return old
-    reuse_text = old is not None and old.get("text_hash") == keys["text_hash"]
+    reuse_text = (old is not None and old.get("text_hash") == keys["text_hash"]
+                  and _intact(old, out, _text_files(old.get("splits") or {})))
     reuse_tokenizer = reuse_text and old.get("tokenizer_hash") == keys["tokenizer_hash"]
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,9 +225,14 @@ def _read_manifest(out: Path) -> dict | None:
 def _is_current(manifest: dict, keys: dict, out: Path) -> bool:
     if manifest.get("data_hash") != keys["data_hash"] or manifest.get("tokenizer_hash") != keys["tokenizer_hash"]:
         return False
+    return _intact(manifest, out, list(manifest.get("files") or {}))
+
+
+def _intact(manifest: dict, out: Path, names: list[str]) -> bool:
+    """True when each of `names` is in `out` with the size the manifest recorded for it."""
     files = manifest.get("files") or {}
-    return bool(files) and all(
-        (out / name).is_file() and (out / name).stat().st_size == size for name, size in files.items()
+    return bool(names) and all(
+        name in files and (out / name).is_file() and (out / name).stat().st_size == files[name] for name in names
     )
 
 
