@@ -283,3 +283,26 @@ def test_compiled_library_is_cached_and_rebuilt_for_another_source(monkeypatch, 
     monkeypatch.setattr(native, "SOURCE", changed)
     assert native._compile("cc") != first
     assert [p.suffix for p in (tmp_path / "nmt" / "kernels").iterdir()] == [".so", ".so"]  # no temporary left
+
+
+@needs_kernels
+def test_outputs_given_to_the_kernels_must_have_the_shape_and_dtype_they_write():
+    """The kernels write through raw pointers: an output of another shape or dtype is refused."""
+    torch.manual_seed(0)
+    h, gates = torch.randn(3, 4), torch.randn(3, 12)
+    for wrong in (torch.empty(3, 5), torch.empty(3, 4, dtype=torch.bfloat16), torch.empty(4, 3).t()):
+        with pytest.raises(ValueError, match="compiled kernels"):
+            kernels.gru_forward(gates, gates, h, None, out=wrong)
+    out = torch.empty(3, 4)
+    assert kernels.gru_forward(gates, gates, h, None, out=out) is out
+    torch.testing.assert_close(out, kernels.gru_forward(gates, gates, h, None))
+    with pytest.raises(ValueError, match="compiled kernels"):
+        kernels.gru_backward(gates, gates, h, None, torch.randn(3, 4), out=(torch.empty(3, 12),) * 2 + (out[:2],))
+    query, keys, annotations = torch.randn(2, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 6)
+    v, mask = torch.randn(5), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="compiled kernels"):
+        kernels.attention_forward(query, keys, v, mask, annotations, out=(torch.empty(2, 5), torch.empty(2, 3)))
+    context, weights = torch.empty(2, 6), torch.empty(2, 3)
+    kernels.attention_forward(query, keys, v, mask, annotations, out=(context, weights))
+    expected = kernels.attention_forward(query, keys, v, mask, annotations)
+    torch.testing.assert_close((context, weights), expected)

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from nmt.model import shapes
 from nmt.model.attention import AdditiveAttention, Attend
 from nmt.model.cells import CELLS, make_cell
+from nmt.model.decoder_loop import decoder_loop
 from nmt.model.dropout import dropout
-from nmt.model.gru import ExactGRUCell
+from nmt.model.gru import ExactGRUCell, FusedGRUCell
 from nmt.model.loop_weight import LoopWeight, autocast_dtype
+from nmt.model.native import KERNEL_DTYPES, kernels
 
 INIT_STATES = ("bridge", "mean", "zero")
 _REUSE_LOCK = threading.Lock()  # Decoder.reusing_decoding_weights's entries and exits
@@ -101,7 +103,8 @@ class Decoder(nn.Module):
     In teacher forcing only steps 1 and 2 run in the time loop: the embeddings'
     share of the layer-1 gates is projected for all steps in one matmul beforehand,
     and step 3 runs on all steps at once afterwards (its last product, the logits, with
-    the loss).
+    the loss). In training on a CPU, a one-layer fused-GRU decoder runs the loop as one
+    autograd function with its own backward loop (:mod:`nmt.model.decoder_loop`).
     """
 
     def __init__(
@@ -207,6 +210,19 @@ class Decoder(nn.Module):
         dtype = autocast_dtype(emb.device.type) or emb.dtype
         # Under autocast, the embeddings in its dtype once, not in each product that reads them.
         emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
+        compiled = self._loop_kernels(dtype, keys, annotations, state)
+        if compiled is not None:
+            states, contexts = self._compiled_loop(compiled, emb, state, keys, annotations, src_mask)
+        else:
+            states, contexts = self._loop(emb, state, keys, annotations, src_mask)
+        deep = self.deep_output
+        return self._activate(shapes.linear(torch.cat([states, emb, contexts], dim=-1), deep.weight, deep.bias))
+
+    def _loop(self, emb: Tensor, state: DecoderState, keys: Tensor, annotations: Tensor,
+              src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 1 and 2 of :meth:`forward` for every target word, step by step through
+        autograd: the states of the top layer ``[batch, trg_len, hidden]`` and the contexts
+        ``[batch, trg_len, annotation_size]``."""
         emb_gates = self.cells[0].project_input(emb)  # batch x trg_len x gates*hidden
         weights = self._step_weights(emb_gates.dtype, keys, annotations, src_mask)
         layers = _layers(state)  # a list: the steps select no layer from a stacked state
@@ -216,10 +232,29 @@ class Decoder(nn.Module):
             layers, context, _ = self._recur(gates_i, layers, weights)
             states.append(hidden_of(layers[-1]))
             contexts.append(context)
-        states = torch.stack(states, dim=1)  # batch x trg_len x hidden
-        contexts = torch.stack(contexts, dim=1)  # batch x trg_len x annotation_size
-        deep = self.deep_output
-        return self._activate(shapes.linear(torch.cat([states, emb, contexts], dim=-1), deep.weight, deep.bias))
+        return torch.stack(states, dim=1), torch.stack(contexts, dim=1)
+
+    def _loop_kernels(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor, state: DecoderState):
+        """The compiled kernels, where :func:`nmt.model.decoder_loop.decoder_loop` runs this
+        pass: in training on a CPU, one layer of the fused GRU, keys and annotations in
+        the kernels' dtype, which the gates are computed in; else None."""
+        if not (torch.is_grad_enabled() and self.layers == 1 and isinstance(self.cells[0], FusedGRUCell)):
+            return None
+        if keys.device.type != "cpu" or not keys.dtype == annotations.dtype == dtype or dtype not in KERNEL_DTYPES:
+            return None
+        return kernels() if isinstance(state, Tensor) else None
+
+    def _compiled_loop(self, compiled, emb: Tensor, state: Tensor, keys: Tensor, annotations: Tensor,
+                       src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_loop` as one autograd function (:mod:`nmt.model.decoder_loop`)."""
+        cell, dtype = self.cells[0], emb.dtype
+        emb_gates = cell.project_input(emb.transpose(0, 1))  # trg_len x batch x gates*hidden: time-major
+        states, contexts = decoder_loop(
+            compiled, emb_gates, state[0].to(dtype), self.attention.query_layer.weight.to(dtype),
+            cell.weight_ih[:, self.emb_dim :].to(dtype), cell.weight_hh.to(dtype), cell.bias_hh.to(dtype),
+            keys, annotations, self.attention.energy_layer.weight.squeeze(0), src_mask,
+        )
+        return states.transpose(0, 1), contexts.transpose(0, 1)
 
     def step(
         self,

@@ -127,8 +127,8 @@ class Kernels:
     def _get(self, name: str, dtype: torch.dtype):
         return self._functions[name, _SUFFIX[dtype]]
 
-    def attention_forward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor,
-                          annotations: Tensor) -> tuple[Tensor, Tensor]:
+    def attention_forward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor, annotations: Tensor,
+                          out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """One step of additive attention: energies ``v^T tanh(q_i + k_j)``, their softmax
         over the real positions and the context ``sum_j a_ij h_j``.
 
@@ -137,14 +137,17 @@ class Kernels:
         :param v: ``[attn]`` float32
         :param mask: ``[batch, src_len]`` bool, True on real positions
         :param annotations: ``[batch, src_len, key_size]``, the query's dtype
+        :param out: (context, weights) to write into, else new tensors
         :return: the context ``[batch * g, key_size]`` (the annotations' dtype, summed in
             float32) and the weights ``[batch * g, src_len]`` float32, 0 on padding
         """
         batch, src_len, attn = keys.shape
         key_size = annotations.size(2)
-        weights = torch.empty(query.size(0), src_len)
-        context = torch.empty(query.size(0), key_size, dtype=annotations.dtype)
-        _check(query, keys, v, mask, annotations)
+        if out is None:
+            out = torch.empty(query.size(0), key_size, dtype=annotations.dtype), torch.empty(query.size(0), src_len)
+        context, weights = out
+        _check(query, keys, v, mask, annotations, context, weights)
+        _shaped((context, (query.size(0), key_size), annotations.dtype), (weights, (query.size(0), src_len), torch.float32))
         self._get("attention_forward", keys.dtype)(
             query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
             weights.data_ptr(), context.data_ptr(), batch, query.size(0) // batch, src_len, attn, key_size,
@@ -154,16 +157,19 @@ class Kernels:
 
     def attention_backward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor, annotations: Tensor,
                            weights: Tensor, grad_context: Tensor, grad_weights: Tensor | None,
-                           sums: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+                           sums: tuple[Tensor, Tensor, Tensor], out: Tensor | None = None) -> Tensor:
         """The gradients of :meth:`attention_forward` for one query row per sentence, from
         its weights and the gradients of its outputs (``grad_context`` in the annotations'
-        dtype, ``grad_weights`` float32 or None): returns the query's (float32) and adds
-        the keys', the annotations' and v's into ``sums``, float32 tensors of their shapes."""
+        dtype, ``grad_weights`` float32 or None): returns the query's (float32; into ``out``
+        where given) and adds the keys', the annotations' and v's into ``sums``, float32
+        tensors of their shapes."""
         batch, src_len, attn = keys.shape
-        grad_query = torch.empty(batch, attn)
+        grad_query = torch.empty(batch, attn) if out is None else out
         grad_keys, grad_annotations, grad_v = sums
         optional = [grad_weights] if grad_weights is not None else []
-        _check(query, keys, v, mask, annotations, weights, grad_context, grad_keys, grad_annotations, grad_v, *optional)
+        _check(query, keys, v, mask, annotations, weights, grad_context, grad_query, grad_keys, grad_annotations,
+               grad_v, *optional)
+        _shaped((grad_query, (batch, attn), torch.float32))
         self._get("attention_backward", keys.dtype)(
             query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
             weights.data_ptr(), grad_context.data_ptr(), grad_weights.data_ptr() if optional else None,
@@ -210,26 +216,33 @@ class Kernels:
             losses.data_ptr(), grad_bias.data_ptr() if grad_bias is not None else None, torch.get_num_threads(),
         )
 
-    def gru_forward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None) -> Tensor:
+    def gru_forward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None,
+                    out: Tensor | None = None) -> Tensor:
         """The new state of :func:`nmt.model.gru.fused_gru_gates` (same arguments; all of one
-        dtype, rows may be strided)."""
+        dtype, rows may be strided), into ``out`` (contiguous) where given."""
         # (the parts held here until the call returns: _gates_x may have copied them)
         (first, rest), gates_h, h = _gates_x(gates_x), _rows(gates_h), _rows(h)
-        out = torch.empty(h.shape, dtype=h.dtype)
+        out = torch.empty(h.shape, dtype=h.dtype) if out is None else out
+        _check(out)
+        _shaped((out, h.shape, h.dtype))
         self._get("gru_forward", h.dtype)(
             *_strided_pair(first, rest), *_strided(gates_h, h), *_strided_mask(real), out.data_ptr(), h.size(0),
             h.size(1), torch.get_num_threads(),
         )
         return out
 
-    def gru_backward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None,
-                     grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def gru_backward(self, gates_x: GatesX, gates_h: Tensor, h: Tensor, real: Tensor | None, grad: Tensor,
+                     out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The gradients of :meth:`gru_forward`'s inputs gates_x, gates_h and h from its
         output's, the gates recomputed; gates_x's ``[batch, 3 * hidden]`` whole (a view of it
-        for each of a pair's parts)."""
+        for each of a pair's parts). Into ``out`` (contiguous, that order) where given."""
         (first, rest), gates_h, h, grad = _gates_x(gates_x), _rows(gates_h), _rows(h), grad.contiguous()
-        grad_x, grad_gates_h = torch.empty_like(gates_h), torch.empty_like(gates_h)
-        grad_h = torch.empty_like(grad)
+        if out is None:
+            out = torch.empty(gates_h.shape, dtype=h.dtype), torch.empty(gates_h.shape, dtype=h.dtype), \
+                torch.empty_like(grad)
+        grad_x, grad_gates_h, grad_h = out
+        _check(*out)
+        _shaped((grad_x, gates_h.shape, h.dtype), (grad_gates_h, gates_h.shape, h.dtype), (grad_h, h.shape, h.dtype))
         self._get("gru_backward", h.dtype)(
             *_strided_pair(first, rest), *_strided(gates_h, h), *_strided_mask(real), grad.data_ptr(),
             grad_x.data_ptr(), grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
@@ -280,6 +293,14 @@ def _strided(*tensors: Tensor) -> list:
 def _strided_mask(real: Tensor | None) -> list:
     """A ``[rows, 1]`` bool mask's pointer and row stride, or (None, 0)."""
     return [None, 0] if real is None else [real.data_ptr(), real.stride(0)]
+
+
+def _shaped(*outputs: tuple[Tensor, tuple, torch.dtype]) -> None:
+    """Outputs given to the kernels, (tensor, shape, dtype): of the shape and dtype they write."""
+    for tensor, shape, dtype in outputs:
+        if tensor.shape != torch.Size(shape) or tensor.dtype != dtype:
+            raise ValueError(f"compiled kernels write {dtype} {tuple(shape)} here, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
 
 
 def _check(*tensors: Tensor) -> None:
