@@ -127,3 +127,33 @@ def test_adam_is_fused_on_the_gpu():
                     attn_dim=5, out_dim=8).to(CUDA)
     optimizer = make_optimizer(model, load_recipe(Path(__file__).parent.parent / "recipes/multi30k-tiny.yaml").train)
     assert optimizer.defaults["fused"] is True
+
+
+def test_decoder_loop_on_gpu_equals_stepping_through_autograd(monkeypatch):
+    """In float32 training on a GPU the decoder's loop is one autograd function
+    (nmt.model.decoder_loop, with CUDA's fused GRU-cell kernel): the same loss and
+    gradients as the steps through autograd."""
+    from nmt.model import decoder as decoder_module
+
+    torch.manual_seed(3)
+    model = Seq2Seq(src_vocab_size=30, trg_vocab_size=25, emb_dim=16, enc_hidden=12, dec_hidden=20,
+                    attn_dim=14, out_dim=16).to(CUDA).train()
+    src = torch.randint(4, 30, (40, 9), device=CUDA)
+    src_lengths = torch.randint(1, 10, (40,), device=CUDA)
+    src_lengths[0] = 9
+    src[torch.arange(9, device=CUDA) >= src_lengths.unsqueeze(1)] = 0
+    trg_in, trg_out = torch.randint(4, 25, (40, 7), device=CUDA), torch.randint(4, 25, (40, 7), device=CUDA)
+    calls, real = [], decoder_module.decoder_loop
+    monkeypatch.setattr(decoder_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
+    results = []
+    for loop in (True, False):
+        monkeypatch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args, loop=loop: loop)
+        model.zero_grad()
+        loss = model(src, src_lengths, trg_in, trg_out, label_smoothing=0.1)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    assert calls == [None]  # once, by PyTorch operations
+    (loss, ours), (stepped_loss, stepped) = results
+    assert loss == pytest.approx(stepped_loss, abs=1e-5)
+    for name in stepped:
+        assert torch.allclose(ours[name], stepped[name], atol=1e-5, rtol=1e-4), name

@@ -38,7 +38,7 @@ def gradients(model: Seq2Seq, loop: bool, bf16: bool, monkeypatch, data=None) ->
     src, lengths, trg = data or batch()
     with monkeypatch.context() as patch:
         if not loop:
-            patch.setattr(decoder_module.Decoder, "_loop_kernels", lambda *args: None)
+            patch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args: False)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(src, lengths, trg)
@@ -56,6 +56,27 @@ def test_loop_equals_stepping_through_autograd_in_float32(sentences, trg_len, mo
     logits, ours = gradients(model, True, False, monkeypatch, data)
     torch.testing.assert_close(logits, stepped_logits, rtol=0, atol=0)  # the same operations forward
     for name in stepped:  # float32 rounding apart (sums in another order): 1e-5 of the largest entry
+        error = (ours[name] - stepped[name]).abs().max() / stepped[name].abs().max()
+        assert error < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize("sentences,trg_len", [(7, 6), (40, 5)])
+def test_plain_loop_equals_stepping_through_autograd(sentences, trg_len, monkeypatch):
+    """The loop by PyTorch operations, which a GPU runs (with CUDA's fused GRU-cell kernel for
+    the gates, and here their formulas): forced on the CPU, without the kernels."""
+    model = small_model()
+    data = batch(sentences, trg_len=trg_len)
+    stepped_logits, stepped = gradients(copy.deepcopy(model), False, False, monkeypatch, data)
+    calls = []
+    real = decoder_module.decoder_loop
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args: True)
+        patch.setattr(decoder_module, "kernels", lambda: None)
+        patch.setattr(decoder_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
+        logits, ours = gradients(model, True, False, monkeypatch, data)
+    assert calls == [None]  # compiled=None: the plain loop
+    torch.testing.assert_close(logits, stepped_logits, rtol=1e-5, atol=1e-6)
+    for name in stepped:
         error = (ours[name] - stepped[name]).abs().max() / stepped[name].abs().max()
         assert error < 1e-5, (name, error)
 

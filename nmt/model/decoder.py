@@ -210,9 +210,8 @@ class Decoder(nn.Module):
         dtype = autocast_dtype(emb.device.type) or emb.dtype
         # Under autocast, the embeddings in its dtype once, not in each product that reads them.
         emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
-        compiled = self._loop_kernels(dtype, keys, annotations, state)
-        if compiled is not None:
-            states, contexts = self._compiled_loop(compiled, emb, state, keys, annotations, src_mask)
+        if self._runs_loop(dtype, keys, annotations):
+            states, contexts = self._one_function_loop(emb, state, keys, annotations, src_mask)
         else:
             states, contexts = self._loop(emb, state, keys, annotations, src_mask)
         deep = self.deep_output
@@ -234,20 +233,23 @@ class Decoder(nn.Module):
             contexts.append(context)
         return torch.stack(states, dim=1), torch.stack(contexts, dim=1)
 
-    def _loop_kernels(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor, state: DecoderState):
-        """The compiled kernels, where :func:`nmt.model.decoder_loop.decoder_loop` runs this
-        pass: in training on a CPU, one layer of the fused GRU, keys and annotations in
-        the kernels' dtype, which the gates are computed in; else None."""
+    def _runs_loop(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor) -> bool:
+        """Whether :func:`nmt.model.decoder_loop.decoder_loop` runs this pass: in training,
+        for one layer of the fused GRU, with keys and annotations in the dtype of the gates:
+        on a CPU one that the compiled kernels take (and they are built), on a GPU float32."""
         if not (torch.is_grad_enabled() and self.layers == 1 and isinstance(self.cells[0], FusedGRUCell)):
-            return None
-        if keys.device.type != "cpu" or not keys.dtype == annotations.dtype == dtype or dtype not in KERNEL_DTYPES:
-            return None
-        return kernels() if isinstance(state, Tensor) else None
+            return False
+        if not keys.dtype == annotations.dtype == dtype:
+            return False
+        if keys.device.type == "cpu":
+            return dtype in KERNEL_DTYPES and kernels() is not None
+        return keys.is_cuda and dtype == torch.float32
 
-    def _compiled_loop(self, compiled, emb: Tensor, state: Tensor, keys: Tensor, annotations: Tensor,
-                       src_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _one_function_loop(self, emb: Tensor, state: Tensor, keys: Tensor, annotations: Tensor,
+                           src_mask: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_loop` as one autograd function (:mod:`nmt.model.decoder_loop`)."""
         cell, dtype = self.cells[0], emb.dtype
+        compiled = kernels() if keys.device.type == "cpu" else None
         emb_gates = cell.project_input(emb.transpose(0, 1))  # trg_len x batch x gates*hidden: time-major
         states, contexts = decoder_loop(
             compiled, emb_gates, state[0].to(dtype), self.attention.query_layer.weight.to(dtype),

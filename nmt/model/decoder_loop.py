@@ -1,4 +1,4 @@
-"""The decoder's teacher-forcing loop as one autograd function, for training on a CPU.
+"""The decoder's teacher-forcing loop as one autograd function, for training.
 
 Step by step through autograd, each of the T decoder steps is five nodes forward and
 five backward (the query, recurrent and context products, the attention, the GRU gates),
@@ -18,8 +18,11 @@ layer of :class:`~nmt.model.gru.FusedGRUCell`: for i = 1..T, from s_0,
     s_i = GRU(x_i, W_hh s_{i-1} + b_hh, s_{i-1})   compiled kernel
 
 and the function returns every s_i and c_i (the deep output reads them after the loop).
-It runs where the compiled kernels of :mod:`nmt.model.native` do (a CPU, float32 or
-bfloat16); elsewhere the decoder steps through autograd as before.
+On a CPU the attention and the GRU gates are the compiled kernels of
+:mod:`nmt.model.native` (float32 or bfloat16). On a GPU (float32) they are PyTorch
+operations, the gates CUDA's fused GRU-cell kernel: there a step costs what launching its
+kernels costs, and the loop launches fewer than autograd did, with none of its per-node
+bookkeeping. Elsewhere the decoder steps through autograd.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nmt.model.gru import gates_backward, gates_forward
 from nmt.model.shapes import ROW_QUANTUM
 
 
 def decoder_loop(compiled, emb_gates: Tensor, s0: Tensor, w_query: Tensor, w_context: Tensor, w_hh: Tensor,
                  b_hh: Tensor, keys: Tensor, annotations: Tensor, v_a: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Run the loop (see the module's docstring); every tensor but ``v_a`` (float32) and
-    ``mask`` in one dtype, the kernels'.
+    ``mask`` in one dtype: the kernels', or float32 without them.
 
-    :param compiled: :func:`nmt.model.native.kernels`
+    :param compiled: :func:`nmt.model.native.kernels`, or None for PyTorch operations
     :param emb_gates: ``[T, batch, 3 * hidden]`` e_i, time-major
     :param s0: ``[batch, hidden]`` initial state
     :param w_query: ``[attn_dim, hidden]`` W_a
@@ -46,6 +50,8 @@ def decoder_loop(compiled, emb_gates: Tensor, s0: Tensor, w_query: Tensor, w_con
     :param v_a: ``[attn_dim]``; ``mask`` ``[batch, src_len]`` bool, True on real tokens
     :return: states s_1..s_T ``[T, batch, hidden]`` and contexts c_1..c_T ``[T, batch, key_size]``
     """
+    if compiled is None:
+        return _PlainDecoderLoop.apply(emb_gates, s0, w_query, w_context, w_hh, b_hh, keys, annotations, v_a, mask)
     return _DecoderLoop.apply(emb_gates, s0, w_query, w_context, w_hh, b_hh, keys, annotations, v_a, mask, compiled)
 
 
@@ -129,3 +135,86 @@ class _DecoderLoop(torch.autograd.Function):
         grad_keys, grad_annotations, grad_v = sums
         return (gx, grad_s, grad_w_query, grad_w_context, grad_w_hh, grad_b_hh, grad_keys.to(dtype),
                 grad_annotations.to(dtype), grad_v.to(ctx.v_dtype), None, None)
+
+
+class _PlainDecoderLoop(torch.autograd.Function):
+    """:func:`decoder_loop` by PyTorch operations (float32): each step's attention by its
+    formulas, the gates by CUDA's fused GRU-cell kernel on a GPU (:func:`_gates`)."""
+
+    @staticmethod
+    def forward(ctx, emb_gates, s0, w_query, w_context, w_hh, b_hh, keys, annotations, v_a, mask):
+        steps, batch, gates = emb_gates.shape
+        with torch.autocast(emb_gates.device.type, enabled=False):
+            states = emb_gates.new_empty(steps + 1, batch, s0.size(1))
+            contexts = emb_gates.new_empty(steps, batch, annotations.size(2))
+            queries = emb_gates.new_empty(steps, batch, w_query.size(0))
+            gates_h = torch.empty_like(emb_gates)
+            gates_x = torch.empty_like(emb_gates)
+            states[0] = s0
+            padding, v = ~mask, v_a.detach()
+            hidden, weights, saved = [], [], []  # each step's tanh(q_i + k_j), a_i and gates
+            for i in range(steps):
+                torch.mm(states[i], w_query.t(), out=queries[i])
+                torch.addmm(b_hh, states[i], w_hh.t(), out=gates_h[i])
+                hidden.append(torch.add(keys, queries[i].unsqueeze(1)).tanh_())  # batch x src_len x attn_dim
+                weights.append(torch.softmax((hidden[i] @ v).masked_fill_(padding, float("-inf")), dim=1))
+                torch.bmm(weights[i].unsqueeze(1), annotations, out=contexts[i].unsqueeze(1))
+                torch.addmm(emb_gates[i], contexts[i], w_context.t(), out=gates_x[i])
+                new, step_saved = _gates(gates_x[i], gates_h[i], states[i])
+                states[i + 1] = new
+                saved.append(step_saved)
+        ctx.save_for_backward(states, contexts, w_query, w_context, w_hh, annotations, v)
+        ctx.hidden, ctx.weights, ctx.saved = hidden, weights, saved
+        return states[1:], contexts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_states, grad_contexts):
+        states, contexts, w_query, w_context, w_hh, annotations, v = ctx.saved_tensors
+        hidden, weights, saved = ctx.hidden, ctx.weights, ctx.saved
+        steps, batch, size = states.size(0) - 1, states.size(1), states.size(2)
+        with torch.autocast(states.device.type, enabled=False):
+            grad_x = states.new_empty(steps, batch, w_context.size(0))
+            grad_h = torch.empty_like(grad_x)
+            grad_q = states.new_empty(steps, batch, w_query.size(0))
+            grad_c = torch.empty_like(contexts)  # d/d c_i: the annotations' gradient needs them all
+            grad_keys, grad_v = torch.zeros_like(hidden[0]), torch.zeros_like(v)
+            grad_s = states.new_zeros(batch, size)
+            for i in range(steps - 1, -1, -1):
+                grad = grad_s if grad_states is None else grad_s + grad_states[i]
+                step_x, step_h, grad_s_direct = _gates_backward(saved[i], grad)
+                grad_x[i], grad_h[i] = step_x, step_h
+                if grad_contexts is None:
+                    torch.mm(grad_x[i], w_context, out=grad_c[i])
+                else:
+                    torch.addmm(grad_contexts[i], grad_x[i], w_context, out=grad_c[i])
+                grad_weights = torch.bmm(annotations, grad_c[i].unsqueeze(2)).squeeze(2)  # batch x src_len
+                grad_e = torch._softmax_backward_data(grad_weights, weights[i], 1, weights[i].dtype)
+                grad_pre = torch.ops.aten.tanh_backward(grad_e.unsqueeze(2) * v, hidden[i])  # d/d (q_i + k_j)
+                grad_keys += grad_pre
+                grad_v.addmv_(hidden[i].flatten(0, 1).t(), grad_e.flatten())
+                torch.sum(grad_pre, dim=1, out=grad_q[i])
+                grad_s = torch.addmm(grad_s_direct, grad_h[i], w_hh).addmm_(grad_q[i], w_query)
+            # sum_i a_i c_i's gradient, per sentence: [src_len x steps] by [steps x key_size]
+            grad_annotations = torch.bmm(torch.stack(weights, dim=2), grad_c.transpose(0, 1))
+            inputs = states[:-1].flatten(0, 1)  # s_{i-1} of every step
+            grad_x2, grad_h2 = grad_x.flatten(0, 1), grad_h.flatten(0, 1)
+            grad_w_context = grad_x2.t() @ contexts.flatten(0, 1)
+            grad_w_hh, grad_w_query = grad_h2.t() @ inputs, grad_q.flatten(0, 1).t() @ inputs
+        return (grad_x, grad_s, grad_w_query, grad_w_context, grad_w_hh, grad_h2.sum(0), grad_keys, grad_annotations,
+                grad_v, None)
+
+
+def _gates(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> tuple[Tensor, object]:
+    """A step's GRU gates, and what :func:`_gates_backward` reads: on a GPU, CUDA's fused
+    GRU-cell kernel and its workspace; elsewhere :func:`nmt.model.gru.gates_forward`."""
+    if h.is_cuda:
+        return torch.ops.aten._thnn_fused_gru_cell(gates_x, gates_h, h)
+    return gates_forward(gates_x, gates_h, h)
+
+
+def _gates_backward(saved, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`_gates`' gates_x, gates_h and h."""
+    if isinstance(saved, Tensor):  # CUDA's workspace
+        return torch.ops.aten._thnn_fused_gru_cell_backward(grad.contiguous(), saved, False)[:3]
+    return gates_backward(saved, grad)

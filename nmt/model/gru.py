@@ -203,40 +203,55 @@ class _FusedGRUGates(torch.autograd.Function):
     forward and 20 backward, two of them concatenations that reassemble the gradients of
     the three gates' slices; on a CPU, at a training batch's size, a step costs more in
     their dispatch than in their arithmetic. Here it is 5 forward (6 with padding) and
-    11 backward, the gates' gradients written into place.
+    11 backward, the gates' gradients written into place (:func:`gates_forward`,
+    :func:`gates_backward`).
     """
 
     @staticmethod
     def forward(ctx, gates_x: Tensor, gates_h: Tensor, h: Tensor, real: Tensor | None) -> Tensor:
-        n = h.size(1)
-        rz = torch.add(gates_x[:, : 2 * n], gates_h[:, : 2 * n]).sigmoid_()  # r and z
-        h_n = gates_h[:, 2 * n :]  # W_hn h + b_hn
-        candidate = torch.addcmul(gates_x[:, 2 * n :], rz[:, :n], h_n).tanh_()  # n_t
-        new = torch.lerp(candidate, h, rz[:, n:])  # n + z (h - n)
+        new, saved = gates_forward(gates_x, gates_h, h)
         if real is not None:
             new = torch.where(real, new, h)
-        ctx.save_for_backward(rz, candidate, h, h_n, real)
+        ctx.save_for_backward(*saved, real)
         return new
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        rz, candidate, h, h_n, real = ctx.saved_tensors
-        n = h.size(1)
-        r, z = rz[:, :n], rz[:, n:]
-        g = grad if real is None else grad * real  # zero on padding, where the state is carried
-        grad_n = g - g * z  # d/d n_t: g (1 - z)
-        grad_h = grad - grad_n  # g z, and on padding all of grad
-        grad_x = h.new_empty(h.size(0), 3 * n)  # d/d gates_x, gate order r, z, n
-        pre_n = grad_x[:, 2 * n :]
-        torch.ops.aten.tanh_backward.grad_input(grad_n, candidate, grad_input=pre_n)
-        torch.mul(pre_n, h_n, out=grad_x[:, :n])  # d/d r
-        torch.mul(g, h - candidate, out=grad_x[:, n : 2 * n])  # d/d z
-        torch.ops.aten.sigmoid_backward.grad_input(grad_x[:, : 2 * n], rz, grad_input=grad_x[:, : 2 * n])
-        grad_gates_h = torch.empty_like(grad_x)  # the same for r and z
-        grad_gates_h[:, : 2 * n] = grad_x[:, : 2 * n]
-        torch.mul(pre_n, r, out=grad_gates_h[:, 2 * n :])  # r (W_hn h + b_hn)
-        return grad_x, grad_gates_h, grad_h, None
+        *saved, real = ctx.saved_tensors
+        return *gates_backward(saved, grad, real), None
+
+
+def gates_forward(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> tuple[Tensor, tuple]:
+    """:func:`fused_gru_gates` without padding by PyTorch operations: the new state, and
+    what :func:`gates_backward` reads (as ``torch.ops.aten._thnn_fused_gru_cell``, CUDA's
+    kernel for the same equations, returns its workspace)."""
+    n = h.size(1)
+    rz = torch.add(gates_x[:, : 2 * n], gates_h[:, : 2 * n]).sigmoid_()  # r and z
+    h_n = gates_h[:, 2 * n :]  # W_hn h + b_hn
+    candidate = torch.addcmul(gates_x[:, 2 * n :], rz[:, :n], h_n).tanh_()  # n_t
+    return torch.lerp(candidate, h, rz[:, n:]), (rz, candidate, h, h_n)  # n + z (h - n)
+
+
+def gates_backward(saved: tuple, grad: Tensor, real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`gates_forward`'s gates_x, gates_h and h from its output's;
+    with ``real``, of the step that keeps ``h`` where ``real`` is False (padding)."""
+    rz, candidate, h, h_n = saved
+    n = h.size(1)
+    r, z = rz[:, :n], rz[:, n:]
+    g = grad if real is None else grad * real  # zero on padding, where the state is carried
+    grad_n = g - g * z  # d/d n_t: g (1 - z)
+    grad_h = grad - grad_n  # g z, and on padding all of grad
+    grad_x = h.new_empty(h.size(0), 3 * n)  # d/d gates_x, gate order r, z, n
+    pre_n = grad_x[:, 2 * n :]
+    torch.ops.aten.tanh_backward.grad_input(grad_n, candidate, grad_input=pre_n)
+    torch.mul(pre_n, h_n, out=grad_x[:, :n])  # d/d r
+    torch.mul(g, h - candidate, out=grad_x[:, n : 2 * n])  # d/d z
+    torch.ops.aten.sigmoid_backward.grad_input(grad_x[:, : 2 * n], rz, grad_input=grad_x[:, : 2 * n])
+    grad_gates_h = torch.empty_like(grad_x)  # the same for r and z
+    grad_gates_h[:, : 2 * n] = grad_x[:, : 2 * n]
+    torch.mul(pre_n, r, out=grad_gates_h[:, 2 * n :])  # r (W_hn h + b_hn)
+    return grad_x, grad_gates_h, grad_h
 
 
 class _CompiledGRUGates(torch.autograd.Function):
