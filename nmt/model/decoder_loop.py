@@ -115,15 +115,19 @@ class _DecoderLoop(torch.autograd.Function):
             grad_q = _rows_buffer(rows, queries.size(2), dtype)
             gx, gh, gq = (g[:rows].view(steps, batch, -1) for g in (grad_x, grad_h, grad_q))
             scratch = torch.empty(batch, queries.size(2)) if dtype != torch.float32 else None  # float32 d/d q_i
-            sums = tuple(torch.zeros(t.shape) for t in (keys, annotations, v))
+            grad_c = torch.empty(steps, batch, annotations.size(2), dtype=dtype)  # d/d c_i, every step's
+            sums = (torch.zeros(keys.shape), None, torch.zeros(v.shape))  # the annotations' after the loop
             grad_s = torch.zeros(batch, s.size(2), dtype=dtype)  # d/d s_i from the steps after i
             grad_s_direct = torch.empty_like(grad_s)  # the GRU's own d/d s_{i-1}
             for i in range(steps - 1, -1, -1):
                 grad = grad_s if grad_states is None else grad_s.add_(grad_states[i])
                 compiled.gru_backward(gates_x[i], gates_h[i], s[i], None, grad, out=(gx[i], gh[i], grad_s_direct))
-                grad_c = gx[i] @ w_context if grad_contexts is None else torch.addmm(grad_contexts[i], gx[i], w_context)
-                compiled.attention_backward(queries[i], keys, v, mask, annotations, weights[i], grad_c.contiguous(),
-                                            None, sums, out=gq[i] if scratch is None else scratch)
+                if grad_contexts is None:
+                    torch.mm(gx[i], w_context, out=grad_c[i])
+                else:
+                    torch.addmm(grad_contexts[i], gx[i], w_context, out=grad_c[i])
+                compiled.attention_backward(queries[i], keys, v, mask, annotations, weights[i], grad_c[i], None, sums,
+                                            out=gq[i] if scratch is None else scratch)
                 if scratch is not None:
                     gq[i].copy_(scratch)
                 grad_s = torch.addmm(grad_s_direct, gh[i], w_hh).addmm_(gq[i], w_query)
@@ -132,7 +136,9 @@ class _DecoderLoop(torch.autograd.Function):
             grad_w_context = grad_x.t() @ contexts[:padded]
             grad_w_hh, grad_w_query = grad_h.t() @ inputs, grad_q.t() @ inputs
             grad_b_hh = grad_h.sum(0)
-        grad_keys, grad_annotations, grad_v = sums
+            # sum_i a_i grad_c_i^T, per sentence: [src_len x steps] by [steps x key_size], in float32
+            grad_annotations = torch.bmm(weights.permute(1, 2, 0), grad_c.transpose(0, 1).float())
+        grad_keys, _, grad_v = sums
         return (gx, grad_s, grad_w_query, grad_w_context, grad_w_hh, grad_b_hh, grad_keys.to(dtype),
                 grad_annotations.to(dtype), grad_v.to(ctx.v_dtype), None, None)
 

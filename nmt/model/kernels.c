@@ -155,7 +155,7 @@ ATTENTION_FORWARD(attention_forward_bf16, bf16, load_bf16, store_bf16, bf16)
  * [B, S] and the gradients of the context grad_context [B, K] and of the weights
  * grad_weights [B, S] float32 (NULL: none): writes the query's gradient grad_query [B, A]
  * float32 and adds the keys' into grad_keys [B, S, A], the annotations' into
- * grad_annotations [B, S, K] and v's into grad_v [A], all float32. */
+ * grad_annotations [B, S, K] (NULL: not computed) and v's into grad_v [A], all float32. */
 #define ATTENTION_BACKWARD(NAME, T, LOAD, ROW)                                                  \
     void NAME(const T *query, const T *keys, const float *v, const uint8_t *mask,               \
               const T *annotations, const float *weights, const T *grad_context,                \
@@ -173,18 +173,22 @@ ATTENTION_FORWARD(attention_forward_bf16, bf16, load_bf16, store_bf16, bf16)
                 const T *k = keys + b * S * A, *h = annotations + b * S * K;                    \
                 const uint8_t *m = mask + b * S;                                                \
                 const float *w = weights + b * S;                                               \
-                float *gk = grad_keys + b * S * A, *gh = grad_annotations + b * S * K;          \
+                float *gk = grad_keys + b * S * A;                                              \
+                float *gh = grad_annotations ? grad_annotations + b * S * K : NULL;             \
                 float expected = 0.0f; /* sum_j a_j d/da_j */                                   \
                 for (int64_t j = 0; j < K; j++) gc[j] = LOAD(grad_context, b * K + j);          \
                 for (int64_t s = 0; s < S; s++) {                                               \
                     float ga = grad_weights ? grad_weights[b * S + s] : 0.0f;                   \
-                    if (m[s]) {                                                                 \
+                    if (m[s] && gh) {                                                           \
                         float ws = w[s];                                                        \
                         _Pragma("omp simd reduction(+:ga)")                                     \
                         for (int64_t j = 0; j < K; j++) {                                       \
                             ga += gc[j] * LOAD(h, s * K + j);                                   \
                             gh[s * K + j] += ws * gc[j];                                        \
                         }                                                                       \
+                    } else if (m[s]) {                                                          \
+                        _Pragma("omp simd reduction(+:ga)")                                     \
+                        for (int64_t j = 0; j < K; j++) ga += gc[j] * LOAD(h, s * K + j);       \
                     }                                                                           \
                     ge[s] = ga;                                                                 \
                     expected += w[s] * ga;                                                      \

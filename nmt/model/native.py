@@ -157,23 +157,24 @@ class Kernels:
 
     def attention_backward(self, query: Tensor, keys: Tensor, v: Tensor, mask: Tensor, annotations: Tensor,
                            weights: Tensor, grad_context: Tensor, grad_weights: Tensor | None,
-                           sums: tuple[Tensor, Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+                           sums: tuple[Tensor, Tensor | None, Tensor], out: Tensor | None = None) -> Tensor:
         """The gradients of :meth:`attention_forward` for one query row per sentence, from
         its weights and the gradients of its outputs (``grad_context`` in the annotations'
         dtype, ``grad_weights`` float32 or None): returns the query's (float32; into ``out``
         where given) and adds the keys', the annotations' and v's into ``sums``, float32
-        tensors of their shapes."""
+        tensors of their shapes (None for the annotations': not computed, as where the
+        caller sums ``a_i grad_context_i`` over the steps in one matmul itself)."""
         batch, src_len, attn = keys.shape
         grad_query = torch.empty(batch, attn) if out is None else out
         grad_keys, grad_annotations, grad_v = sums
-        optional = [grad_weights] if grad_weights is not None else []
-        _check(query, keys, v, mask, annotations, weights, grad_context, grad_query, grad_keys, grad_annotations,
-               grad_v, *optional)
+        optional = [t for t in (grad_weights, grad_annotations) if t is not None]
+        _check(query, keys, v, mask, annotations, weights, grad_context, grad_query, grad_keys, grad_v, *optional)
         _shaped((grad_query, (batch, attn), torch.float32))
         self._get("attention_backward", keys.dtype)(
             query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
-            weights.data_ptr(), grad_context.data_ptr(), grad_weights.data_ptr() if optional else None,
-            grad_query.data_ptr(), grad_keys.data_ptr(), grad_annotations.data_ptr(), grad_v.data_ptr(),
+            weights.data_ptr(), grad_context.data_ptr(), grad_weights.data_ptr() if grad_weights is not None else None,
+            grad_query.data_ptr(), grad_keys.data_ptr(),
+            grad_annotations.data_ptr() if grad_annotations is not None else None, grad_v.data_ptr(),
             batch, src_len, attn, annotations.size(2), torch.get_num_threads(),
         )
         return grad_query
