@@ -79,16 +79,17 @@ class _DecoderLoop(torch.autograd.Function):
             states = _rows_buffer(rows, s0.size(1), dtype, extra=batch)
             contexts = _rows_buffer(rows, annotations.size(2), dtype)
             queries = torch.empty(steps, batch, w_query.size(0), dtype=dtype)
-            gates_h = torch.empty(steps, batch, gates, dtype=dtype)
-            gates_x = torch.empty(steps, batch, gates, dtype=dtype)
+            # the steps add their products into these in place: e_i and b_hh copied in at once
+            gates_h = b_hh.expand(steps, batch, gates).clone()
+            gates_x = emb_gates.clone()
             weights = torch.empty(steps, batch, keys.size(1))
             s, c = states[: rows + batch].view(steps + 1, batch, -1), contexts[:rows].view(steps, batch, -1)
             s[0] = s0
             for i in range(steps):
                 torch.mm(s[i], w_query.t(), out=queries[i])
-                torch.addmm(b_hh, s[i], w_hh.t(), out=gates_h[i])
+                gates_h[i].addmm_(s[i], w_hh.t())
                 compiled.attention_forward(queries[i], keys, v, mask, annotations, out=(c[i], weights[i]))
-                torch.addmm(emb_gates[i], c[i], w_context.t(), out=gates_x[i])
+                gates_x[i].addmm_(c[i], w_context.t())
                 compiled.gru_forward(gates_x[i], gates_h[i], s[i], None, out=s[i + 1])
         ctx.save_for_backward(states, contexts, queries, gates_h, gates_x, weights, w_query, w_context, w_hh,
                               keys, annotations, v, mask)
