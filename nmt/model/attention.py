@@ -97,10 +97,11 @@ class AdditiveAttention(nn.Module):
         query ``[batch, attn_dim]`` (one row per sentence) -> (context, weights): in
         teacher forcing, make it once and call it at every step.
 
-        (A one-layer fused-GRU decoder in training on a CPU calls the kernels from its own
-        loop instead: :mod:`nmt.model.decoder_loop`.) In training on a CPU, with the
-        compiled kernels, each step is one call forward and one backward, and the gradients of the keys, the annotations and v_a are summed
-        over the steps in float32 and handed to autograd once (:class:`_CompiledAttention`).
+        (A one-layer fused-GRU decoder in training, on a CPU or in float32 on a GPU, runs
+        the attention in its own loop instead: :mod:`nmt.model.decoder_loop`.) In training
+        on a CPU, with the compiled kernels, each step is one call forward and one backward,
+        and the gradients of the keys, the annotations and v_a are summed over the steps in
+        float32 and handed to autograd once (:class:`_CompiledAttention`).
         Otherwise the energies of :meth:`energies`, the softmax of :meth:`alignment` and
         the context through a :class:`~nmt.model.loop_weight.LoopWeight` of the annotations.
         """

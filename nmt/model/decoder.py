@@ -103,8 +103,9 @@ class Decoder(nn.Module):
     In teacher forcing only steps 1 and 2 run in the time loop: the embeddings'
     share of the layer-1 gates is projected for all steps in one matmul beforehand,
     and step 3 runs on all steps at once afterwards (its last product, the logits, with
-    the loss). In training on a CPU, a one-layer fused-GRU decoder runs the loop as one
-    autograd function with its own backward loop (:mod:`nmt.model.decoder_loop`).
+    the loss). In training on a CPU, and in float32 on a GPU, a one-layer fused-GRU
+    decoder runs the loop as one autograd function with its own backward loop
+    (:mod:`nmt.model.decoder_loop`).
     """
 
     def __init__(

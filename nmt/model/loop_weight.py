@@ -7,9 +7,10 @@ weight. :class:`LoopWeight` keeps each step's ``(x_t, g_t)`` during the backward
 instead, and when the backward pass leaves the loop computes
 ``sum_t g_t^T x_t = [g_1; ...; g_T]^T [x_1; ...; x_T]`` in one matmul, as cuDNN does
 for its recurrent weights. The value and the gradients are those of plain autograd, up
-to the order of a sum. (In training on a CPU, a one-layer fused-GRU decoder goes further:
-its whole loop is one function whose steps write into the joined matrices directly,
-:mod:`nmt.model.decoder_loop`; the other decoders and the encoder use LoopWeight.)
+to the order of a sum. (In training on a CPU, and in float32 on a GPU, a one-layer
+fused-GRU decoder goes further: its whole loop is one function whose steps write into
+the joined matrices directly, :mod:`nmt.model.decoder_loop`; the other decoders and the
+encoder use LoopWeight.)
 
 A weight may also be a batch of matrices ``[batch, out, in]``, each step's input then
 ``[batch, rows, in]``: the attention's context ``c_i = a_i^T H`` is such a product, with

@@ -147,7 +147,8 @@ class Kernels:
             out = torch.empty(query.size(0), key_size, dtype=annotations.dtype), torch.empty(query.size(0), src_len)
         context, weights = out
         _check(query, keys, v, mask, annotations, context, weights)
-        _shaped((context, (query.size(0), key_size), annotations.dtype), (weights, (query.size(0), src_len), torch.float32))
+        rows = query.size(0)
+        _shaped((context, (rows, key_size), annotations.dtype), (weights, (rows, src_len), torch.float32))
         self._get("attention_forward", keys.dtype)(
             query.data_ptr(), keys.data_ptr(), v.data_ptr(), mask.data_ptr(), annotations.data_ptr(),
             weights.data_ptr(), context.data_ptr(), batch, query.size(0) // batch, src_len, attn, key_size,
@@ -243,7 +244,8 @@ class Kernels:
                 torch.empty_like(grad)
         grad_x, grad_gates_h, grad_h = out
         _check(*out)
-        _shaped((grad_x, gates_h.shape, h.dtype), (grad_gates_h, gates_h.shape, h.dtype), (grad_h, h.shape, h.dtype))
+        _shaped((grad_x, gates_h.shape, h.dtype), (grad_gates_h, gates_h.shape, h.dtype),
+                (grad_h, h.shape, h.dtype))
         self._get("gru_backward", h.dtype)(
             *_strided_pair(first, rest), *_strided(gates_h, h), *_strided_mask(real), grad.data_ptr(),
             grad_x.data_ptr(), grad_gates_h.data_ptr(), grad_h.data_ptr(), h.size(0), h.size(1), torch.get_num_threads(),
