@@ -134,6 +134,7 @@ def test_decoder_loop_on_gpu_equals_stepping_through_autograd(monkeypatch):
     (nmt.model.decoder_loop, with CUDA's fused GRU-cell kernel): the same loss and
     gradients as the steps through autograd."""
     from nmt.model import decoder as decoder_module
+    from nmt.model import decoder_loop as loop_module
 
     torch.manual_seed(3)
     model = Seq2Seq(src_vocab_size=30, trg_vocab_size=25, emb_dim=16, enc_hidden=12, dec_hidden=20,
@@ -143,11 +144,11 @@ def test_decoder_loop_on_gpu_equals_stepping_through_autograd(monkeypatch):
     src_lengths[0] = 9
     src[torch.arange(9, device=CUDA) >= src_lengths.unsqueeze(1)] = 0
     trg_in, trg_out = torch.randint(4, 25, (40, 7), device=CUDA), torch.randint(4, 25, (40, 7), device=CUDA)
-    calls, real = [], decoder_module.decoder_loop
-    monkeypatch.setattr(decoder_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
+    calls, real = [], loop_module.decoder_loop
+    monkeypatch.setattr(loop_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
     results = []
     for loop in (True, False):
-        monkeypatch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args, loop=loop: loop)
+        monkeypatch.setattr(decoder_module, "runs_loop", lambda *args, loop=loop: loop)
         model.zero_grad()
         loss = model(src, src_lengths, trg_in, trg_out, label_smoothing=0.1)
         loss.backward()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nmt.model.decoder as decoder_module
+import nmt.model.decoder_loop as loop_module
 from nmt.model import Seq2Seq, native
 
 needs_kernels = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the kernels are not built")
@@ -38,7 +39,7 @@ def gradients(model: Seq2Seq, loop: bool, bf16: bool, monkeypatch, data=None) ->
     src, lengths, trg = data or batch()
     with monkeypatch.context() as patch:
         if not loop:
-            patch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args: False)
+            patch.setattr(decoder_module, "runs_loop", lambda *args: False)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(src, lengths, trg)
@@ -68,11 +69,11 @@ def test_plain_loop_equals_stepping_through_autograd(sentences, trg_len, monkeyp
     data = batch(sentences, trg_len=trg_len)
     stepped_logits, stepped = gradients(copy.deepcopy(model), False, False, monkeypatch, data)
     calls = []
-    real = decoder_module.decoder_loop
+    real = loop_module.decoder_loop
     with monkeypatch.context() as patch:
-        patch.setattr(decoder_module.Decoder, "_runs_loop", lambda *args: True)
-        patch.setattr(decoder_module, "kernels", lambda: None)
-        patch.setattr(decoder_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
+        patch.setattr(decoder_module, "runs_loop", lambda *args: True)
+        patch.setattr(loop_module, "kernels", lambda: None)
+        patch.setattr(loop_module, "decoder_loop", lambda *args: calls.append(args[0]) or real(*args))
         logits, ours = gradients(model, True, False, monkeypatch, data)
     assert calls == [None]  # compiled=None: the plain loop
     torch.testing.assert_close(logits, stepped_logits, rtol=1e-5, atol=1e-6)
@@ -123,8 +124,8 @@ def test_gradients_of_some_inputs_alone_are_those_of_the_whole_backward_pass(mon
 ])
 def test_the_loop_runs_in_training_of_one_fused_gru_layer_only(kwargs, grad, used, monkeypatch):
     calls = []
-    real = decoder_module.decoder_loop
-    monkeypatch.setattr(decoder_module, "decoder_loop", lambda *args: calls.append(1) or real(*args))
+    real = loop_module.decoder_loop
+    monkeypatch.setattr(loop_module, "decoder_loop", lambda *args: calls.append(1) or real(*args))
     model = small_model(**kwargs)
     src, lengths, trg = batch()
     with torch.set_grad_enabled(grad):

@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from nmt.model import shapes
 from nmt.model.attention import AdditiveAttention, Attend
 from nmt.model.cells import CELLS, make_cell
-from nmt.model.decoder_loop import decoder_loop
+from nmt.model.decoder_loop import loop_pass, runs_loop
 from nmt.model.dropout import dropout
-from nmt.model.gru import ExactGRUCell, FusedGRUCell
+from nmt.model.gru import ExactGRUCell
 from nmt.model.loop_weight import LoopWeight, autocast_dtype
-from nmt.model.native import KERNEL_DTYPES, kernels
 
 INIT_STATES = ("bridge", "mean", "zero")
 _REUSE_LOCK = threading.Lock()  # Decoder.reusing_decoding_weights's entries and exits
@@ -211,8 +210,8 @@ class Decoder(nn.Module):
         dtype = autocast_dtype(emb.device.type) or emb.dtype
         # Under autocast, the embeddings in its dtype once, not in each product that reads them.
         emb = dropout(emb.to(dtype), self.dropout_emb, self.training)
-        if self._runs_loop(dtype, keys, annotations):
-            states, contexts = self._one_function_loop(emb, state, keys, annotations, src_mask)
+        if runs_loop(self, dtype, keys, annotations):
+            states, contexts = loop_pass(self, emb, state, keys, annotations, src_mask)
         else:
             states, contexts = self._loop(emb, state, keys, annotations, src_mask)
         deep = self.deep_output
@@ -233,31 +232,6 @@ class Decoder(nn.Module):
             states.append(hidden_of(layers[-1]))
             contexts.append(context)
         return torch.stack(states, dim=1), torch.stack(contexts, dim=1)
-
-    def _runs_loop(self, dtype: torch.dtype, keys: Tensor, annotations: Tensor) -> bool:
-        """Whether :func:`nmt.model.decoder_loop.decoder_loop` runs this pass: in training,
-        for one layer of the fused GRU, with keys and annotations in the dtype of the gates:
-        on a CPU one that the compiled kernels take (and they are built), on a GPU float32."""
-        if not (torch.is_grad_enabled() and self.layers == 1 and isinstance(self.cells[0], FusedGRUCell)):
-            return False
-        if not keys.dtype == annotations.dtype == dtype:
-            return False
-        if keys.device.type == "cpu":
-            return dtype in KERNEL_DTYPES and kernels() is not None
-        return keys.is_cuda and dtype == torch.float32
-
-    def _one_function_loop(self, emb: Tensor, state: Tensor, keys: Tensor, annotations: Tensor,
-                           src_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_loop` as one autograd function (:mod:`nmt.model.decoder_loop`)."""
-        cell, dtype = self.cells[0], emb.dtype
-        compiled = kernels() if keys.device.type == "cpu" else None
-        emb_gates = cell.project_input(emb.transpose(0, 1))  # trg_len x batch x gates*hidden: time-major
-        states, contexts = decoder_loop(
-            compiled, emb_gates, state[0].to(dtype), self.attention.query_layer.weight.to(dtype),
-            cell.weight_ih[:, self.emb_dim :].to(dtype), cell.weight_hh.to(dtype), cell.bias_hh.to(dtype),
-            keys, annotations, self.attention.energy_layer.weight.squeeze(0), src_mask,
-        )
-        return states.transpose(0, 1), contexts.transpose(0, 1)
 
     def step(
         self,

@@ -31,8 +31,40 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nmt.model.gru import gates_backward, gates_forward
+from nmt.model.gru import FusedGRUCell, gates_backward, gates_forward
+from nmt.model.native import KERNEL_DTYPES, kernels
 from nmt.model.shapes import ROW_QUANTUM
+
+
+def runs_loop(decoder, dtype: torch.dtype, keys: Tensor, annotations: Tensor) -> bool:
+    """Whether :func:`loop_pass` runs this pass of ``decoder`` (an
+    :class:`~nmt.model.decoder.Decoder`): in training, for one layer of the fused GRU, with
+    keys and annotations in the dtype of the gates: on a CPU one that the compiled kernels
+    take (and they are built), on a GPU float32."""
+    if not (torch.is_grad_enabled() and decoder.layers == 1 and isinstance(decoder.cells[0], FusedGRUCell)):
+        return False
+    if not keys.dtype == annotations.dtype == dtype:
+        return False
+    if keys.device.type == "cpu":
+        return dtype in KERNEL_DTYPES and kernels() is not None
+    return keys.is_cuda and dtype == torch.float32
+
+
+def loop_pass(decoder, emb: Tensor, state: Tensor, keys: Tensor, annotations: Tensor,
+              src_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The decoder's steps 1 and 2 for every target word (``Decoder._loop``) by
+    :func:`decoder_loop`, from the embeddings ``[batch, trg_len, emb_dim]`` in the gates'
+    dtype and the initial state ``[1, batch, hidden]``: the states ``[batch, trg_len,
+    hidden]`` and contexts ``[batch, trg_len, annotation_size]``."""
+    cell, attention, dtype = decoder.cells[0], decoder.attention, emb.dtype
+    compiled = kernels() if keys.device.type == "cpu" else None
+    emb_gates = cell.project_input(emb.transpose(0, 1))  # trg_len x batch x gates*hidden: time-major
+    states, contexts = decoder_loop(
+        compiled, emb_gates, state[0].to(dtype), attention.query_layer.weight.to(dtype),
+        cell.weight_ih[:, decoder.emb_dim :].to(dtype), cell.weight_hh.to(dtype), cell.bias_hh.to(dtype),
+        keys, annotations, attention.energy_layer.weight.squeeze(0), src_mask,
+    )
+    return states.transpose(0, 1), contexts.transpose(0, 1)
 
 
 def decoder_loop(compiled, emb_gates: Tensor, s0: Tensor, w_query: Tensor, w_context: Tensor, w_hh: Tensor,
