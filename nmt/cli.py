@@ -7,6 +7,7 @@ one-line `error: ...` on stderr with a non-zero exit: 2 for a bad recipe or opti
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -100,6 +101,9 @@ def _guard(fn):
         return fn()
     except (DataError, CheckpointError, RunError, TrainError, DistributedError) as e:
         fail(str(e))
+    except BrokenPipeError:  # the reader went away (`nmt translate ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more to flush at exit)
+        raise typer.Exit(141) from None  # 128 + SIGPIPE
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         fail(f"{where}{e.strerror or e}")
@@ -292,7 +296,7 @@ def evaluate(
 
     def run():
         try:
-            return evaluate_pairs(translator, pairs, out_dir, on_result=plots)
+            return evaluate_pairs(translator, pairs, out_dir, on_result=plots, models=paths)
         except ValueError as e:
             fail(str(e))
 

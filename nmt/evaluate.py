@@ -71,15 +71,18 @@ def read_text(path: Path) -> list[str]:
 
 
 def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Path | None,
-                   on_result: dict | None = None) -> list[Scores]:
+                   on_result: dict | None = None, models: list[Path] = ()) -> list[Scores]:
     """Translate each (name, source file, reference file) and score it.
 
-    Hypotheses go to out_dir/<name>.hyp and all scores to out_dir/report.json.
+    Hypotheses go to out_dir/<name>.hyp and the scores into out_dir/report.json, with
+    ``models`` (the checkpoints translating) and the decoding settings (:func:`add_to_report`).
     ``on_result`` maps a name to a hook for :meth:`nmt.translate.Translator.translate`.
     """
     rows = []
     for name, src_path, ref_path in pairs:
         sources, refs = read_text(src_path), read_text(ref_path)
+        if not sources:
+            raise ValueError(f"{src_path} is empty: nothing to score")
         if len(sources) != len(refs):
             raise ValueError(f"{src_path} has {len(sources)} lines but {ref_path} has {len(refs)}")
         start = time.perf_counter()
@@ -89,6 +92,53 @@ def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Pat
             text = "".join(h + "\n" for h in hyps)
             atomic_write(out_dir / f"{name}.hyp", lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     if out_dir is not None:
-        report = json.dumps([asdict(r) for r in rows], indent=2)
-        atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(report + "\n", encoding="utf-8"))
+        add_to_report(out_dir / "report.json", rows, models, translator.opts)
     return rows
+
+
+# What decides a translation's text among the search options (not the batch size or n-best).
+DECODE_KEYS = ("beam_size", "length_penalty", "length_norm", "max_len_a", "max_len_b", "precision")
+
+
+def add_to_report(path: Path, rows: list[Scores], models: list[Path], opts) -> None:
+    """Record ``rows`` in the report at ``path``, each with the checkpoints that translated
+    (``models``: more than one for an ensemble), the decoding settings of ``opts`` and the
+    time. An entry for the same split, checkpoints and settings is replaced; the others
+    stay, so that evaluating an ensemble, another beam or one split does not erase the
+    scores of the run's own model (which the model card and ``/info`` show: :func:`scores_of`)."""
+    def key(entry: dict) -> str:
+        return json.dumps([entry["split"], entry["models"], entry["decode"]], sort_keys=True)
+
+    decode = {k: getattr(opts, k) for k in DECODE_KEYS}
+    names = [str(Path(m).resolve()) for m in models]
+    entries = [{**asdict(r), "models": names, "decode": decode, "time": time.time()} for r in rows]
+    replaced = {key(e) for e in entries}
+    kept = [e for e in read_report(path) if key(e) not in replaced]
+    text = json.dumps(kept + entries, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_report(path: Path) -> list[dict]:
+    """The entries of a report; none if it is missing or unreadable. Entries without their
+    checkpoints and settings (written before nmt recorded them) are left out."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [e for e in data if isinstance(e, dict) and isinstance(e.get("split"), str)
+            and isinstance(e.get("models"), list) and isinstance(e.get("decode"), dict)]
+
+
+def scores_of(path: Path, checkpoint: Path, opts) -> list[dict]:
+    """The report's entries for ``checkpoint`` alone, with the decoding settings of
+    ``opts``, written after the checkpoint was (a newer best.pt has not been evaluated)."""
+    checkpoint = Path(checkpoint).resolve()
+    try:
+        written = checkpoint.stat().st_mtime
+    except OSError:
+        return []
+    decode = {k: getattr(opts, k) for k in DECODE_KEYS}
+    return [e for e in read_report(path) if e["models"] == [str(checkpoint)] and e["decode"] == decode
+            and isinstance(e.get("time"), (int, float)) and e["time"] >= written]

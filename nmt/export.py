@@ -209,7 +209,7 @@ def model_card(loaded: LoadedModel, checkpoint: Path, folder_name: str) -> str:
         "",
         "## Evaluation",
         "",
-        *_evaluation(run_dir, checkpoint),
+        *_evaluation(run_dir, checkpoint, r),
         "",
         "## Intended use and limits",
         "",
@@ -254,14 +254,15 @@ def _training_time(run_dir: Path) -> list[str]:
             "last line of the metrics log; validation included)"]
 
 
-def _evaluation(run_dir: Path, checkpoint: Path) -> list[str]:
+def _evaluation(run_dir: Path, checkpoint: Path, recipe) -> list[str]:
+    from nmt.evaluate import scores_of
+    from nmt.translate import SearchOptions
+
     report = run_dir / "eval" / "report.json"
-    rows = _read_json(report)
-    if not isinstance(rows, list) or not rows:
-        return ["Not evaluated: run `nmt evaluate` on the run folder, then export again."]
-    if report.stat().st_mtime < checkpoint.stat().st_mtime:
-        return [f"The run's evaluation ({report}) predates this checkpoint; run `nmt evaluate` "
-                "on the run folder, then export again."]
+    rows = scores_of(report, checkpoint, SearchOptions.from_recipe(recipe.decode))
+    if not rows:
+        return [f"Not evaluated: {report} has no scores of this checkpoint alone with the recipe's decoding "
+                f"settings since it was written; run `nmt evaluate --model {checkpoint}`, then export again."]
     try:
         lines = [
             "sacreBLEU on detokenized output against the raw references (`nmt evaluate`, the recipe's "

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,14 +182,17 @@ def _type_name(tp) -> str:
 
 
 def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> Any:
-    """Type- and range-check one leaf value; ints are accepted where floats are expected."""
+    """Type- and range-check one leaf value; ints are accepted where floats are expected,
+    and integral numbers where ints are. ``where``: the file, or ``--set`` for an override."""
     def fail(msg: str):
-        raise RecipeError(f"{where}: key '{key}': {msg}")
+        raise RecipeError(f"{where}: key '{key}': {msg}" if where != "--set" else f"--set {key}: {msg}")
 
     if tp is bool:
         if not isinstance(value, bool):
             fail(f"expected true or false, got {value!r}")
     elif tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e5, as scientific notation reads
         if isinstance(value, bool) or not isinstance(value, int):
             fail(f"expected an integer, got {value!r}")
     elif tp is float:
@@ -216,7 +220,9 @@ def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> 
     return value
 
 
-def _build(cls, raw: Any, prefix: str, where: str):
+def _build(cls, raw: Any, prefix: str, where: str, overridden: frozenset = frozenset()):
+    """``cls`` from ``raw``, checked; errors name ``where``, or ``--set`` for the keys in
+    ``overridden`` (dotted)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -235,19 +241,20 @@ def _build(cls, raw: Any, prefix: str, where: str):
         if name not in raw:
             continue
         tp = hints[name]
+        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, raw[name], f"{prefix}{name}.", where)
+            values[name] = _build(tp, raw[name], f"{key}.", where, overridden)
         else:
-            values[name] = _check_value(raw[name], f, tp, f"{prefix}{name}", where)
+            values[name] = _check_value(raw[name], f, tp, key, "--set" if key in overridden else where)
     obj = cls(**values)
-    _check_cross(obj, where)
+    _check_cross(obj, where, overridden)
     return obj
 
 
-def _check_cross(obj, where: str) -> None:
-    """Rules that involve more than one key."""
+def _check_cross(obj, where: str, overridden: frozenset) -> None:
+    """Rules that involve more than one key (or a list's items)."""
     def fail(key, msg):
-        raise RecipeError(f"{where}: key '{key}': {msg}")
+        raise RecipeError(f"--set {key}: {msg}" if key in overridden else f"{where}: key '{key}': {msg}")
 
     if isinstance(obj, DataConfig):
         if obj.src_lang == obj.trg_lang:
@@ -256,8 +263,16 @@ def _check_cross(obj, where: str) -> None:
             fail("data.path", "a file template needs both {split} and {lang}")
         if obj.hub_columns and len(obj.hub_columns) != 2:
             fail("data.hub_columns", "expected [source column, target column]")
-    if isinstance(obj, TrainConfig) and len(obj.adam_betas) != 2:
-        fail("train.adam_betas", "expected [beta1, beta2]")
+        names = obj.test_splits
+        for name in names:
+            if not isinstance(name, str) or name in ("train", "valid") or names.count(name) > 1 \
+                    or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+                fail("data.test_splits", f"{name!r} is a duplicate or not usable as a file name (letters, digits, "
+                     "'.', '_', '-'; not 'train' or 'valid', which name the training and validation files)")
+    if isinstance(obj, TrainConfig):
+        betas = obj.adam_betas
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            fail("train.adam_betas", f"expected [beta1, beta2], each in [0, 1), got {betas!r}")
     if isinstance(obj, TrainConfig) and obj.average_best:
         if obj.average_best == 1:
             fail("train.average_best", "averaging needs at least 2 checkpoints (0: off)")
@@ -276,7 +291,7 @@ def _apply_override(raw: dict, override: str, where: str) -> None:
     key, _, text = override.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=_Loader) if text.strip() else ""  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError:
         value = text
     node = raw
@@ -291,8 +306,20 @@ def _apply_override(raw: dict, override: str, where: str) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-3 and 5E+4 as numbers, as YAML 1.2 and JSON do
+    (YAML 1.1 wants a dot in the mantissa: 1.0e-3); they were strings before."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _safe_yaml(text: str, where: str) -> Any:
-    class _Loader(yaml.SafeLoader):
+    class _Guarded(_Loader):
         pass
 
     aliases = 0
@@ -311,9 +338,9 @@ def _safe_yaml(text: str, where: str) -> Any:
         finally:
             self._depth -= 1
 
-    _Loader.compose_node = compose_node
+    _Guarded.compose_node = compose_node
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_Guarded)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -344,7 +371,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override, where)
-    recipe = _build(Recipe, raw, "", where)
+    overridden = frozenset(o.partition("=")[0].strip() for o in overrides)
+    recipe = _build(Recipe, raw, "", where, overridden)
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=path.stem)
     return recipe

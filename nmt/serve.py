@@ -16,7 +16,6 @@ out-of-range options) a 422, both with a JSON body `{"detail": ...}`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import copy
@@ -147,7 +146,7 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
         "src_lang": recipe.data.src_lang,
         "trg_lang": recipe.data.trg_lang,
         "step": payload.get("step"),
-        "scores": {"validation": payload.get("metrics") or {}, "test": _test_scores(path)},
+        "scores": {"validation": payload.get("metrics") or {}, "test": _test_scores(path, translator.opts)},
         "max_src_len": translator.max_src_len,
         "decode": {k: v for k, v in asdict(translator.opts).items() if k not in ("nbest", "batch_size")},
         "limits": {**asdict(limits), "max_body_bytes": limits.max_body_bytes, "max_beam": MAX_BEAM},
@@ -167,18 +166,15 @@ def _json_safe(value):
     return value
 
 
-def _test_scores(path: Path | None) -> list:
-    """Test scores that `nmt evaluate` wrote for this model's run, if any."""
+def _test_scores(path: Path | None, opts: SearchOptions) -> list:
+    """Test scores that `nmt evaluate` wrote for this checkpoint alone with the settings the
+    server decodes with, if any (:func:`nmt.evaluate.scores_of`)."""
     if path is None:
         return []
+    from nmt.evaluate import scores_of
     from nmt.runs import run_dir_of
 
-    report = run_dir_of(path) / "eval" / "report.json"
-    try:
-        rows = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return rows if isinstance(rows, list) else []
+    return scores_of(run_dir_of(path) / "eval" / "report.json", path, opts)
 
 
 def create_app(loaded, limits: ServeLimits = ServeLimits(), device="cpu") -> FastAPI:

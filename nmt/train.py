@@ -385,6 +385,6 @@ def _evaluate_best(best_path: Path, run_dir: Path, dev) -> None:
     translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode), dev)
     data = data_dir_of(run_dir)
     pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in splits]
-    rows = evaluate_pairs(translator, pairs, run_dir / "eval")
+    rows = evaluate_pairs(translator, pairs, run_dir / "eval", models=[best_path])
     print(format_table(rows))
 

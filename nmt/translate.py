@@ -106,7 +106,7 @@ def translate_ids(
     for batch, hyps in zip(batches, found):
         for i, h in zip(batch, hyps):
             results[i] = h
-    empty = [Hypothesis(tokens=[], score=0.0, attention=torch.zeros(1, 1))]
+    empty = [Hypothesis(tokens=[], score=0.0, attention=torch.zeros(1, 1))] * max(1, opts.nbest)  # as many as asked
     return [r if r is not None else empty for r in results]
 
 

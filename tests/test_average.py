@@ -92,7 +92,7 @@ def test_average_best_in_a_recipe(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["train.average_best=1"], "train.average_best': averaging needs at least 2"),
+    (["train.average_best=1"], "--set train.average_best: averaging needs at least 2"),
     (["train.keep_best=2", "train.average_best=3"], "cannot exceed train.keep_best \\(2\\)"),
 ])
 def test_average_best_recipe_errors(tmp_path, extra, message):

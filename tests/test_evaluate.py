@@ -24,13 +24,45 @@ def test_evaluate_run_agrees_with_sacrebleu_cli(trained_run):
     assert result.exit_code == 0, result.output
     assert "test" in result.stdout and "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in result.stdout
     report = json.loads((trained_run / "eval" / "report.json").read_text())
-    row = report[0]
+    row = report[-1]  # this evaluation's (other tests evaluate the shared run with other settings)
     hyp = trained_run / "eval" / "test.hyp"
     ref = trained_run / "data" / "test.trg.txt"
     assert row["bleu"] == round(sacrebleu_cli(ref, hyp), 2)
     assert row["chrf"] == round(sacrebleu_cli(ref, hyp, "-m", "chrf"), 2)
     assert row["bleu_lc"] == round(sacrebleu_cli(ref, hyp, "-lc"), 2)
     assert row["bleu"] > 50
+
+
+def test_report_keeps_each_models_and_settings_scores(trained_run, tmp_path):
+    import shutil
+
+    from nmt.evaluate import read_report, scores_of
+    from nmt.translate import SearchOptions
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    report = run / "eval" / "report.json"
+    report.write_text(json.dumps([{"split": "test", "bleu": 1.0}]))  # without models and settings: ignored
+    assert read_report(report) == []
+    for args in (["-b", "1"], [], ["-m", str(run)], []):
+        result = runner.invoke(app, ["evaluate", "-m", str(run), *args])
+        assert result.exit_code == 0, result.output
+    entries = json.loads(report.read_text())
+    best = str((run / "checkpoints" / "best.pt").resolve())
+    assert [(e["models"], e["decode"]["beam_size"]) for e in entries] == [([best], 1), ([best, best], 2), ([best], 2)]
+    recipe = SearchOptions(beam_size=2)
+    mine = scores_of(report, run / "checkpoints" / "best.pt", recipe)
+    assert mine == entries[2:]
+    assert scores_of(report, run / "checkpoints" / "best.pt", SearchOptions(beam_size=3)) == []
+    (run / "checkpoints" / "best.pt").touch()  # rewritten after its evaluation
+    assert scores_of(report, run / "checkpoints" / "best.pt", recipe) == []
+
+
+def test_evaluate_empty_files_is_an_error(trained_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(empty), "--ref", str(empty)])
+    assert result.exit_code == 1 and f"error: {empty} is empty: nothing to score" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("precision", [[], ["--precision", "bf16"]])

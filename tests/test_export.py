@@ -99,15 +99,26 @@ def test_model_card_reports_data_model_training_and_evaluation(trained_run, tmp_
     export_model(run, tmp_path / "before")
     assert "Not evaluated" in (tmp_path / "before" / "README.md").read_text()
 
+    assert runner.invoke(app, ["evaluate", "-m", str(run)]).exit_code == 0  # the recipe's settings
+    # other evaluations (greedy, an ensemble) are recorded beside it, not shown as the model's
     assert runner.invoke(app, ["evaluate", "-m", str(run), "-b", "1"]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "-m", str(run), "-m", str(run)]).exit_code == 0
     export_model(run, tmp_path / "after")
     card = (tmp_path / "after" / "README.md").read_text()
-    report = json.loads((run / "eval" / "report.json").read_text())[0]
+    entries = json.loads((run / "eval" / "report.json").read_text())
+    assert len(entries) == 3
+    report = entries[0]
+    assert report["decode"]["beam_size"] == 2 and len(report["models"]) == 1
     for expected in ("# toy: xx -> yy translation model", "## Data", "training pairs: 600", "## Model",
                      "parameters; cell: fused", "## Training", "trained for 300 updates",
                      f"| test | 40 | {report['bleu']:.2f} |", report["bleu_signature"], report["chrf_signature"],
                      "## Intended use and limits", "nmt translate --model after"):
         assert expected in card, expected
+    assert card.count("| test | 40 |") == 1
+    # another checkpoint of the run has not been evaluated: its card says so
+    other = next(p for p in (run / "checkpoints").glob("*.pt") if p.name != "best.pt")
+    export_model(other, tmp_path / "other")
+    assert "Not evaluated" in (tmp_path / "other" / "README.md").read_text()
 
 
 def test_evaluate_and_errors_with_an_exported_model(exported, tmp_path):

@@ -88,6 +88,18 @@ def test_missing_test_split_is_skipped_with_a_warning(corpus_dir, make_recipe, t
     assert "warning: skipping test split 'test_2099'" in capsys.readouterr().err
 
 
+def test_empty_validation_split_is_an_error_and_empty_test_split_skipped(corpus_dir, make_recipe, tmp_path, capsys):
+    for lang in ("de", "en"):
+        (corpus_dir / f"nothing.{lang}").write_bytes(b"")
+    with pytest.raises(DataError, match=r"validation split 'nothing' is empty \(.*nothing\.de"):
+        preprocess(_local(make_recipe, corpus_dir, valid_split="nothing"), tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
+    manifest = preprocess(_local(make_recipe, corpus_dir, test_splits=["test", "nothing"]), tmp_path / "run")
+    assert manifest["test_splits"] == ["test"]  # no BLEU to compute on nothing
+    assert not (tmp_path / "run" / "data" / "nothing.src.txt").exists()
+    assert "warning: skipping test split 'nothing': it is empty" in capsys.readouterr().err
+
+
 def test_max_train_pairs_and_separate_vocabularies(corpus_dir, make_recipe, tmp_path):
     recipe = _local(make_recipe, corpus_dir, {"joint": False, "vocab_size": 80, "type": "bpe"}, max_train_pairs=120)
     manifest = preprocess(recipe, tmp_path / "run")

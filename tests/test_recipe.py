@@ -48,6 +48,14 @@ BAD = [
     ("tokenizer:\n  joint: false\nmodel:\n  tie_all: true\n", "key 'model.tie_all': needs a joint vocabulary"),
     ("model:\n  tie_output: true\n  out_dim: 100\n", "key 'model.out_dim': must equal model.emb_dim"),
     ("train:\n  lr: .nan\n", "expected a finite number"),
+    ("train:\n  adam_betas: [2, 3]\n", "key 'train.adam_betas': expected [beta1, beta2], each in [0, 1)"),
+    ("train:\n  adam_betas: [0.9, x]\n", "key 'train.adam_betas': expected [beta1, beta2]"),
+    ("train:\n  adam_betas: [0.9]\n", "key 'train.adam_betas': expected [beta1, beta2]"),
+    ("train:\n  max_steps: 2.5\n", "key 'train.max_steps': expected an integer, got 2.5"),
+    ("data:\n  test_splits: [val, val]\n", "key 'data.test_splits': 'val' is a duplicate or not usable"),
+    ("data:\n  test_splits: [train]\n", "key 'data.test_splits': 'train' is a duplicate or not usable"),
+    ("data:\n  test_splits: [../x]\n", "key 'data.test_splits': '../x' is a duplicate or not usable"),
+    ("data:\n  test_splits: [2016]\n", "key 'data.test_splits': 2016 is a duplicate or not usable"),
     ("", "recipe is empty"),
     ("- a\n- b\n", "expected a mapping of sections"),
     ("train: [unclosed\n", "not valid YAML"),
@@ -87,6 +95,10 @@ def test_not_utf8_and_missing_file(tmp_path):
         ("data.test_splits=[a, b]", lambda r: r.data.test_splits == ["a", "b"]),
         ("model.tie_output=true", lambda r: r.model.tie_output is True),
         ("name=other", lambda r: r.name == "other"),
+        ("train.lr=1e-3", lambda r: r.train.lr == 0.001),
+        ("train.lr=5E-4", lambda r: r.train.lr == 0.0005),
+        ("train.max_steps=1e3", lambda r: r.train.max_steps == 1000 and isinstance(r.train.max_steps, int)),
+        ("name=1e3x", lambda r: r.name == "1e3x"),
     ],
 )
 def test_overrides_are_typed(tmp_path, override, check):
@@ -96,7 +108,8 @@ def test_overrides_are_typed(tmp_path, override, check):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.lr=abc", "key 'train.lr': expected a number"),
+        ("train.lr=abc", "^--set train.lr: expected a number"),
+        ("train.adam_betas=[2,3]", "^--set train.adam_betas: expected"),
         ("train.lrr=0.1", "did you mean 'train.lr'"),
         ("train.lr", "expected key=value"),
         ("seed.x=1", "'seed' is not a section"),
@@ -105,6 +118,14 @@ def test_overrides_are_typed(tmp_path, override, check):
 def test_bad_overrides(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, "seed: 1\n"), [override])
+
+
+def test_scientific_notation_reads_as_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; recipes take it as a number, as YAML 1.2 does
+    recipe = load_recipe(write(tmp_path, "train:\n  lr: 1e-3\n  min_lr: -0e0\n  max_steps: 2E4\n"
+                               "  warmup_steps: +1e2\n"))
+    assert (recipe.train.lr, recipe.train.min_lr) == (0.001, 0.0)
+    assert (recipe.train.max_steps, recipe.train.warmup_steps) == (20000, 100)
 
 
 def test_defaults_and_name_from_file(tmp_path):

@@ -21,6 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from nmt.checkpoint import load_model  # noqa: E402
 from nmt.cli import app as cli_app  # noqa: E402
+from nmt.evaluate import add_to_report, score  # noqa: E402
 from nmt.serve import ServeLimits, create_app  # noqa: E402
 from nmt.translate import SearchOptions, Translator  # noqa: E402
 
@@ -190,12 +191,20 @@ def test_info_has_test_scores_from_evaluate_and_only_finite_numbers(loaded, tmp_
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(loaded.path, run / "checkpoints" / "best.pt")
     (run / "eval").mkdir()
-    (run / "eval" / "report.json").write_text(json.dumps([{"split": "test", "bleu": 99.5}]))
-    copy = load_model(run / "checkpoints" / "best.pt")
+    best = run / "checkpoints" / "best.pt"
+    row = score("test", ["v1 v2 v3 v4 v5"], ["v1 v2 v3 v4 v5"])
+    recipe_opts = SearchOptions.from_recipe(loaded.recipe.decode)
+    add_to_report(run / "eval" / "report.json", [row], [best], recipe_opts)
+    add_to_report(run / "eval" / "report.json", [score("test", ["x"], ["v1 v2"])], [best, best], recipe_opts)
+    greedy = SearchOptions(**{**vars(recipe_opts), "beam_size": recipe_opts.beam_size + 1})
+    add_to_report(run / "eval" / "report.json", [score("test", ["y"], ["v1 v2"])], [best], greedy)
+    copy = load_model(best)
     copy.payload["metrics"] = {"valid_loss": float("nan"), "valid_ppl": float("inf"), "valid_bleu": 0.0}
     with TestClient(create_app(copy, LIMITS)) as c:
         info = c.get("/info").json()
-    assert info["scores"]["test"] == [{"split": "test", "bleu": 99.5}]
+    # only the served checkpoint alone, with the settings it decodes with
+    shown = [(s["split"], s["bleu"], s["models"]) for s in info["scores"]["test"]]
+    assert shown == [("test", 100.0, [str(best.resolve())])]
     assert info["scores"]["validation"] == {"valid_loss": None, "valid_ppl": None, "valid_bleu": 0.0}
 
 

@@ -38,6 +38,14 @@ def test_awkward_input_keeps_line_count_and_order(trained_run):
     assert "line 5: invalid UTF-8" in err and "line 6:" in err and "truncated" in err
 
 
+def test_a_closed_pipe_ends_quietly(trained_run):
+    """`nmt translate ... | head -1`: the reader goes away; no error message, as Unix tools."""
+    done = subprocess.run(f"{sys.executable} -m nmt translate --model {trained_run} | head -c 1",
+                          shell=True, input=b"w1 w2 w3\n" * 20000, capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.stdout == b"v" and "error" not in done.stderr.decode() and "Traceback" not in done.stderr.decode()
+
+
 def test_empty_input_gives_empty_output(trained_run):
     done = run_cli(["--model", str(trained_run)], b"")
     assert done.returncode == 0 and done.stdout == b""
@@ -60,6 +68,11 @@ def test_input_output_files_and_nbest(trained_run, tmp_path):
     assert rows[0][3] == "v1 v2"
     scores = [float(r[2]) for r in rows[:3]]
     assert scores == sorted(scores, reverse=True)
+    src.write_text("w1\n\nw3\n")  # an empty line gets its N (empty) hypotheses too
+    result = runner.invoke(app, ["translate", "-m", str(trained_run), "-i", str(src), "-o", str(out), "--nbest", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert [r[0] for r in rows] == ["0"] * 3 + ["1"] * 3 + ["2"] * 3 and rows[3][1:] == ["1", "0.0000", ""]
 
 
 @pytest.mark.parametrize("option", [

@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -104,7 +103,6 @@ def _read_text(config, staging: Path, data_dir: Path | None) -> tuple[CleanStats
 
     Returns the cleaning counts so far and {artifact split name: source split name}.
     """
-    _check_test_names(config.test_splits)
     _log(f"reading {config.src_lang}-{config.trg_lang} from {describe(config, data_dir)}")
     train = open_split(config, config.train_split, data_dir=data_dir)
     valid = open_split(config, config.valid_split, data_dir=data_dir)
@@ -129,9 +127,14 @@ def _read_text(config, staging: Path, data_dir: Path | None) -> tuple[CleanStats
 
     source_splits = {"train": config.train_split, "valid": config.valid_split}
     for name, split in [("valid", valid), *tests.items()]:
-        count = _write_text(split.pairs(), staging, [text_file(name, side) for side in SIDES])
-        if count == 0:
-            _log(f"warning: split '{split.split}' is empty ({split.where})")
+        names = [text_file(name, side) for side in SIDES]
+        if _write_text(split.pairs(), staging, names) == 0:  # nothing to score BLEU on
+            if name == "valid":
+                raise DataError(f"validation split '{config.valid_split}' is empty ({split.where})")
+            _log(f"warning: skipping test split '{name}': it is empty ({split.where})")
+            for file in names:
+                (staging / file).unlink()
+            continue
         source_splits[name] = split.split
     return stats, source_splits
 
@@ -239,14 +242,6 @@ def _intact(manifest: dict, out: Path, names: list[str]) -> bool:
 def _text_files(splits: dict) -> list[str]:
     names = [clean_text_file(side) for side in SIDES]
     return names + [text_file(split, side) for split in splits if split != "train" for side in SIDES]
-
-
-def _check_test_names(names) -> None:
-    seen = set()
-    for name in names:
-        if name in ("train", "valid") or name in seen or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-            raise DataError(f"data.test_splits: '{name}' is a duplicate or not usable as a file name")
-        seen.add(name)
 
 
 def _write_text(pairs: Iterable[tuple[str, str]], folder: Path, names: list[str]) -> int:

@@ -104,10 +104,12 @@ class Tokenizer:
         return flat, lengths
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Text for each id sequence; pad, bos and eos ids are dropped first."""
+        """Text for each id sequence; pad, bos and eos ids are dropped first. No outer
+        spaces, as in the training text: a word-boundary piece ``▁`` generated last (before
+        eos) decodes to a trailing space."""
         special = (PAD_ID, BOS_ID, EOS_ID)
         clean = [[int(i) for i in seq if int(i) not in special] for seq in ids]
-        return self._sp.decode(clean, num_threads=num_threads())
+        return [text.strip() for text in self._sp.decode(clean, num_threads=num_threads())]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The piece string of each id (for inspection and attention plots)."""
