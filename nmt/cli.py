@@ -7,6 +7,7 @@ one-line `error: ...` on stderr with a non-zero exit: 2 for a bad recipe or opti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -129,9 +130,26 @@ def preprocess(
 ):
     """Fetch the corpus, clean it, train sentencepiece and encode every split."""
     from nmt.data.preprocess import preprocess as run
+    from nmt.train_utils import RunLock, RunLockedError
 
     r = _load(recipe_path, overrides)
-    _guard(lambda: run(r, _run_dir(r, run_dir), data_dir=data_dir, force=force))
+    folder = _run_dir(r, run_dir)
+
+    def locked():
+        new = not folder.exists()
+        try:
+            with RunLock(folder):  # not while `nmt train` reads the data there
+                return run(r, folder, data_dir=data_dir, force=force)
+        except RunLockedError as e:
+            fail(str(e))
+        except BaseException:
+            if new:  # leave no empty run folder behind (the data stage cleans up its own files)
+                (folder / "train.lock").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+
+    _guard(locked)
 
 
 @app.command()

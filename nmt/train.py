@@ -37,7 +37,7 @@ from nmt.distributed import Dist
 from nmt.distributed import setup as setup_distributed
 from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
 from nmt.model.build import build_model
-from nmt.recipe import Recipe, dump_recipe
+from nmt.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
 from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
 from nmt.train_utils import (LRSchedule, MetricsLog, RunLock, RunLockedError, StopRequest, TrainError, log,
@@ -112,6 +112,8 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             aside = set_aside(run_dir)
             if aside:
                 log(f"--restart: earlier checkpoints and logs moved to {aside}")
+        else:
+            _check_resumable(recipe, run_dir)  # before preprocessing replaces the run's data
         if not is_fresh(recipe, run_dir):
             preprocess(recipe, run_dir, data_dir=data_dir)
 
@@ -358,6 +360,23 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, bf16: bool,
         return math.nan, n_tok, n_src
     optimizer.step()
     return total / max(n_tok, 1), n_tok, n_src
+
+
+def _check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse, before anything in the run folder changes, a recipe whose tokenizer or model
+    differs from those of the checkpoints it would resume (:func:`nmt.run_checkpoints.resume`
+    would find out only after preprocessing had replaced the run's data)."""
+    ckpts, trained = checkpoint_dir(run_dir), Path(run_dir) / "recipe.yaml"
+    if not trained.is_file() or not any((ckpts / name).is_file() for name in ("last.pt", "prev.pt")):
+        return
+    try:
+        before = load_recipe(trained)
+    except RecipeError:
+        return  # resume() compares the checkpoint's model itself
+    changed = [s for s in ("tokenizer", "model") if before.section_hash(s) != recipe.section_hash(s)]
+    if changed:
+        raise TrainError(f"{run_dir} holds checkpoints of a run with another {' and '.join(changed)} section "
+                         f"({trained}); use --restart (or another --run-dir) to train this recipe")
 
 
 def _skip_nonfinite(state: TrainState, cfg, ckpts: Path) -> None:

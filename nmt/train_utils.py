@@ -245,7 +245,8 @@ class RunLockedError(Exception):
 
 
 class RunLock:
-    """An exclusive lock on a run folder for the whole of `nmt train`.
+    """An exclusive lock on a run folder for the whole of `nmt train` (and of `nmt
+    preprocess`, which would replace the data a training run reads).
 
     The lock is `flock` on run_dir/train.lock, so the kernel releases it when its holder
     dies, however it dies: a lock left by a killed run is simply taken over. The file
@@ -269,7 +270,7 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise RunLockedError(f"{self.path.parent} is in use: {holder} is training there; "
+            raise RunLockedError(f"{self.path.parent} is in use: {holder} is training or preprocessing there; "
                                  "wait for it to finish, stop it, or use another --run-dir") from None
         self.file.seek(0)
         self.taken_over = self.file.read().strip()

@@ -31,6 +31,14 @@ def url_recipe(tmp_path):
     return recipe, mirror
 
 
+def test_failed_preprocess_leaves_no_run_folder(tmp_path):
+    recipe, _ = url_recipe(tmp_path)  # the URL is unreachable and no --data-dir is given
+    run_dir = tmp_path / "new"
+    result = runner.invoke(app, ["preprocess", str(recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 1 and "error:" in result.output
+    assert not run_dir.exists()
+
+
 def test_preprocess_flags(tmp_path):
     recipe, mirror = url_recipe(tmp_path)
     run_dir = tmp_path / "somewhere"

@@ -110,10 +110,19 @@ def test_restart_sets_old_run_aside(tmp_path):
 
 
 def test_changed_model_refuses_to_resume(tmp_path):
-    train(make_recipe(tmp_path, steps=2), tmp_path / "run", device="cpu", evaluate_at_end=False)
+    run = tmp_path / "run"
+    train(make_recipe(tmp_path, steps=2), run, device="cpu", evaluate_at_end=False)
+    data = {p.name: p.stat().st_mtime_ns for p in (run / "data").iterdir()}
     wider = make_recipe(tmp_path, steps=4, extra=["model.dec_hidden=96"])
+    with pytest.raises(TrainError, match="checkpoints of a run with another model section.*--restart"):
+        train(wider, run, device="cpu", evaluate_at_end=False)
+    smaller = make_recipe(tmp_path, steps=4, extra=["tokenizer.vocab_size=40"])
+    with pytest.raises(TrainError, match="another tokenizer section"):
+        train(smaller, run, device="cpu", evaluate_at_end=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "data").iterdir()} == data  # refused before preprocessing
+    (run / "recipe.yaml").unlink()  # without the run's recipe, resuming compares the checkpoint's model
     with pytest.raises(TrainError, match="holds a different model.*--restart"):
-        train(wider, tmp_path / "run", device="cpu", evaluate_at_end=False)
+        train(wider, run, device="cpu", evaluate_at_end=False)
 
 
 def test_sigint_saves_and_resumes(tmp_path):

@@ -208,8 +208,13 @@ def test_second_training_on_a_run_folder_names_the_holder(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         recipe = make_recipe(tmp_path, steps=2)
-        with pytest.raises(TrainError, match=f"is in use: process {holder.pid} on .* is training there"):
+        with pytest.raises(TrainError, match=f"is in use: process {holder.pid} on .* is training or preprocessing there"):
             train(recipe, run, device="cpu", evaluate_at_end=False)
+        # nor may `nmt preprocess --force` replace the data under a training run
+        done = subprocess.run([sys.executable, "-m", "nmt", "preprocess", str(tmp_path / "toy.yaml"), "--run-dir",
+                               str(run), "--force"], capture_output=True, text=True)
+        assert done.returncode == 1 and f"is in use: process {holder.pid}" in done.stderr, done.stderr
+        assert not (run / "data").exists()
     finally:
         holder.kill()  # SIGKILL: the lock file still names it, but the lock is free
         holder.wait()
