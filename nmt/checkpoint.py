@@ -18,8 +18,10 @@ read with `weights_only=True` (a file crafted to run code when unpickled is refu
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -53,8 +55,11 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers never see half a file."""
+    """Call write(tmp_path), fsync, then rename over `path`: readers never see half a file.
+    Errors name `path`, not the temporary file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -63,7 +68,10 @@ def atomic_write(path: Path, write) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -84,8 +92,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused to load (not a plain nmt checkpoint: {first[:120]})") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            raise CheckpointError(f"{path}: not a checkpoint (not a file that torch.save writes)") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the class or function it refused
+        what = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values{what}; "
+                              "nmt checkpoints hold nothing else") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -142,3 +142,18 @@ def test_a_checkpoint_that_runs_code_is_refused_not_executed(tmp_path, how):
                           capture_output=True, timeout=120)
     assert done.returncode == 1 and done.stderr.decode().startswith("error: ")
     assert not marker.exists()
+
+
+def test_a_text_file_given_as_a_model_is_named_as_such(tmp_path):
+    text = tmp_path / "in.de"
+    text.write_text("Ein Hund läuft.\n")
+    with pytest.raises(CheckpointError, match=f"^{text}: not a checkpoint \\(not a file that torch.save writes\\)$"):
+        load_checkpoint(text)
+
+
+def test_writing_over_a_directory_names_the_directory(trained_run, tmp_path):
+    """`-o` naming a folder: the error names it, not the temporary file written beside it."""
+    done = subprocess.run([sys.executable, "-m", "nmt", "translate", "-m", str(trained_run), "-o", str(tmp_path)],
+                          input=b"w1\n", capture_output=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.decode().splitlines()[-1] == f"error: {tmp_path}: Is a directory"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
