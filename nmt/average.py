@@ -33,6 +33,14 @@ def expand(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _same_vocabulary(a: bytes, b: bytes) -> bool:
+    """The same pieces and scores (sentencepiece files of two runs of one recipe differ
+    in their metadata only)."""
+    from nmt.data.tokenizer import Tokenizer
+
+    return a == b or Tokenizer.from_bytes(a).same_vocabulary(Tokenizer.from_bytes(b))
+
+
 def average_payloads(payloads: list[dict], names: list[str]) -> dict:
     """The mean of the payloads' parameters, accumulated in float64 (so averaging copies
     of one checkpoint gives it back bit for bit); the rest from the newest (highest step)."""
@@ -43,7 +51,7 @@ def average_payloads(payloads: list[dict], names: list[str]) -> dict:
         if payload["model_config"] != first["model_config"]:
             raise CheckpointError(f"{name}: a different model than {first_name}; only checkpoints of one "
                                   "model can be averaged")
-        if (payload["src_spm"], payload["trg_spm"]) != (first["src_spm"], first["trg_spm"]):
+        if not all(_same_vocabulary(payload[k], first[k]) for k in ("src_spm", "trg_spm")):
             raise CheckpointError(f"{name}: a different vocabulary than {first_name}")
     state = {}
     for key, tensor in first["model"].items():
@@ -63,6 +71,13 @@ def average_payloads(payloads: list[dict], names: list[str]) -> dict:
 def average_checkpoints(paths: list[Path], output: Path) -> list[Path]:
     """Average the checkpoints (files or run folders) into `output`; returns the inputs used."""
     files = expand(paths)
+    seen: dict[Path, Path] = {}
+    for path in files:
+        if path.resolve() in seen:
+            raise CheckpointError(f"{path}: given twice (as {seen[path.resolve()]}); each checkpoint counts once")
+        seen[path.resolve()] = path
     payloads = [load_checkpoint(p) for p in files]
+    if len(files) < 2:
+        raise CheckpointError(f"{files[0]}: one checkpoint; averaging needs at least 2")
     save_checkpoint(Path(output), average_payloads(payloads, [str(p) for p in files]))
     return files

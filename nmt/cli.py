@@ -290,6 +290,8 @@ def evaluate(
 
     if (src is None) != (ref is None):
         fail("--src and --ref go together", 2)
+    if src is not None and split:
+        fail("--split names the run's test splits; --src and --ref score other files: give one or the other", 2)
     dev = _device(device)
     paths, loaded = _load_models(model, dev)
     run_dir = run_dir_of(paths[0])  # test splits and the eval/ folder: the first model's run

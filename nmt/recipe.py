@@ -279,6 +279,8 @@ def _check_cross(obj, where: str, overridden: frozenset) -> None:
         if obj.average_best > obj.keep_best:
             fail("train.average_best", f"cannot exceed train.keep_best ({obj.keep_best}), the checkpoints kept")
     if isinstance(obj, Recipe):
+        if obj.name and ("/" in obj.name or "\\" in obj.name or obj.name.startswith(".")):
+            fail("name", f"{obj.name!r} is not a folder name (no '/', no leading '.'): it names runs/<name>/")
         if obj.model.tie_all and not obj.tokenizer.joint:
             fail("model.tie_all", "needs a joint vocabulary (tokenizer.joint: true)")
         if (obj.model.tie_output or obj.model.tie_all) and obj.model.out_dim != obj.model.emb_dim:
@@ -324,6 +326,15 @@ def _safe_yaml(text: str, where: str) -> Any:
 
     aliases = 0
 
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = key_node.value
+            if key in keys:
+                raise RecipeError(f"{where}: line {key_node.start_mark.line + 1}: key {key!r} given twice")
+            keys.add(key)
+        return yaml.SafeLoader.construct_mapping(self, node, deep)
+
     def compose_node(self, parent, index):
         nonlocal aliases
         if self.check_event(yaml.events.AliasEvent):
@@ -339,6 +350,7 @@ def _safe_yaml(text: str, where: str) -> Any:
             self._depth -= 1
 
     _Guarded.compose_node = compose_node
+    _Guarded.construct_mapping = construct_mapping
     try:
         return yaml.load(text, Loader=_Guarded)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as e:

@@ -95,7 +95,8 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
     update, written after a resume, replaces the earlier), in update order.
 
     :raises RunError: a missing or unreadable log, a line that is not a JSON record, or
-        a log without a single training or validation record
+        a log without a single training or validation record. A last line without its
+        line end (being written by a training run, or cut short by a crash) is left out.
     """
     path = Path(path)
     if not path.is_file():
@@ -108,6 +109,8 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
             try:
                 record = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError):
+                if not raw.endswith(b"\n") and not f.read(1):  # the unfinished last line
+                    break
                 raise RunError(f"{path}:{number}: not a JSON record") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise RunError(f"{path}:{number}: a metrics record needs a 'kind' and an integer 'step'")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -9,6 +11,7 @@ from typer.testing import CliRunner
 from nmt.average import average_checkpoints
 from nmt.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nmt.cli import app
+from nmt.data.tokenizer import Tokenizer
 from nmt.recipe import RecipeError
 from nmt.train import train
 
@@ -31,7 +34,8 @@ def two_steps(tmp_path_factory):
 
 def test_averaging_copies_of_one_checkpoint_is_the_identity(two_steps, tmp_path):
     _, a, _ = two_steps
-    average_checkpoints([a, a, a], tmp_path / "avg.pt")
+    copies = [shutil.copy(a, tmp_path / f"copy{i}.pt") for i in range(3)]
+    average_checkpoints(copies, tmp_path / "avg.pt")
     original, averaged = load_checkpoint(a), load_checkpoint(tmp_path / "avg.pt")
     for name, tensor in original["model"].items():
         assert torch.equal(averaged["model"][name], tensor), name
@@ -52,6 +56,19 @@ def test_average_is_the_mean_and_a_run_folder_gives_its_kept_checkpoints(two_ste
     assert [x["step"] for x in load_checkpoint(tmp_path / "avg.pt")["averaged"]] == steps
 
 
+def test_two_runs_of_one_recipe_have_one_vocabulary(two_steps, tmp_path):
+    """sentencepiece files of separately trained runs differ in their metadata only."""
+    _, a, b = two_steps
+    other = load_checkpoint(b)
+    # another run's model names another training-text folder (same length: a valid protobuf still)
+    other["src_spm"] = other["src_spm"].replace(b".partial/", b".partiaL/")
+    assert other["src_spm"] != load_checkpoint(a)["src_spm"]
+    assert Tokenizer.from_bytes(other["src_spm"]).same_vocabulary(Tokenizer.from_bytes(load_checkpoint(a)["src_spm"]))
+    save_checkpoint(tmp_path / "other.pt", other)
+    result = runner.invoke(app, ["average", str(a), str(tmp_path / "other.pt"), "-o", str(tmp_path / "x.pt")])
+    assert result.exit_code == 0, result.output
+
+
 def test_checkpoints_of_different_models_are_refused(two_steps, tmp_path):
     _, a, _ = two_steps
     other = load_checkpoint(a)
@@ -66,9 +83,12 @@ def test_checkpoints_of_different_models_are_refused(two_steps, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["missing.pt"], "missing.pt: checkpoint not found"),
     (["."], "no checkpoints/step-N.pt in this run folder"),
+    (["one.pt"], "one.pt: one checkpoint; averaging needs at least 2"),
+    (["one.pt", "./one.pt"], "one.pt: given twice (as one.pt); each checkpoint counts once"),
 ])
-def test_bad_inputs_are_one_line(tmp_path, monkeypatch, args, message):
+def test_bad_inputs_are_one_line(two_steps, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    shutil.copy(two_steps[1], tmp_path / "one.pt")
     result = runner.invoke(app, ["average", *args, "-o", "out.pt"])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out.pt").exists()

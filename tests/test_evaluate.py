@@ -57,6 +57,14 @@ def test_report_keeps_each_models_and_settings_scores(trained_run, tmp_path):
     assert scores_of(report, run / "checkpoints" / "best.pt", recipe) == []
 
 
+def test_split_and_src_exclude_each_other(trained_run, tmp_path):
+    src = tmp_path / "s.txt"
+    src.write_text("w1\n")
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(src), "--ref", str(src),
+                                 "--split", "test"])
+    assert result.exit_code == 2 and "give one or the other" in result.output
+
+
 def test_evaluate_empty_files_is_an_error(trained_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -97,6 +97,9 @@ def test_resumed_log_keeps_the_last_record_of_each_update(tmp_path):
     metrics = read_metrics(log)
     assert [(r["step"], r["loss"]) for r in metrics["train"]] == [(5, 2.9), (10, 2.0)]
     assert metrics["valid"] == []
+    with open(log, "a") as f:  # a line a training run is writing (or a crash cut short): left out
+        f.write('{"kind": "train", "step": 15, "lo')
+    assert read_metrics(log) == metrics
 
 
 def test_plot_errors_are_one_line(tmp_path):
