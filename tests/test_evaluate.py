@@ -57,6 +57,14 @@ def test_report_keeps_each_models_and_settings_scores(trained_run, tmp_path):
     assert scores_of(report, run / "checkpoints" / "best.pt", recipe) == []
 
 
+def test_validation_bleu_does_not_warn_about_tokenized_periods(caplog):
+    from nmt.evaluate import bleu_score
+
+    hyps = ["a dog runs ."] * 120  # an early model's output
+    assert bleu_score(hyps, ["a dog runs."] * 120) == pytest.approx(score("x", hyps, ["a dog runs."] * 120).bleu)
+    assert "detokenize" not in caplog.text
+
+
 def test_split_and_src_exclude_each_other(trained_run, tmp_path):
     src = tmp_path / "s.txt"
     src.write_text("w1\n")
