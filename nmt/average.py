@@ -71,11 +71,16 @@ def average_payloads(payloads: list[dict], names: list[str]) -> dict:
 def average_checkpoints(paths: list[Path], output: Path) -> list[Path]:
     """Average the checkpoints (files or run folders) into `output`; returns the inputs used."""
     files = expand(paths)
-    seen: dict[Path, Path] = {}
+    seen: dict[tuple, Path] = {}
     for path in files:
-        if path.resolve() in seen:
-            raise CheckpointError(f"{path}: given twice (as {seen[path.resolve()]}); each checkpoint counts once")
-        seen[path.resolve()] = path
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # load_checkpoint says what is wrong with it
+        same = (info.st_dev, info.st_ino)  # one file under two names too (best.pt is a hard link)
+        if same in seen:
+            raise CheckpointError(f"{path}: given twice (as {seen[same]}); each checkpoint counts once")
+        seen[same] = path
     payloads = [load_checkpoint(p) for p in files]
     if len(files) < 2:
         raise CheckpointError(f"{files[0]}: one checkpoint; averaging needs at least 2")

@@ -133,7 +133,7 @@ def preprocess(
     from nmt.train_utils import RunLock, RunLockedError
 
     r = _load(recipe_path, overrides)
-    folder = _run_dir(r, run_dir)
+    folder = _guard(lambda: _run_dir(r, run_dir))
 
     def locked():
         new = not folder.exists()

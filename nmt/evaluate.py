@@ -7,6 +7,8 @@ reported beside it for comparison with older papers.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -104,43 +106,65 @@ DECODE_KEYS = ("beam_size", "length_penalty", "length_norm", "max_len_a", "max_l
 
 def add_to_report(path: Path, rows: list[Scores], models: list[Path], opts) -> None:
     """Record ``rows`` in the report at ``path``, each with the checkpoints that translated
-    (``models``: more than one for an ensemble), the decoding settings of ``opts`` and the
-    time. An entry for the same split, checkpoints and settings is replaced; the others
-    stay, so that evaluating an ensemble, another beam or one split does not erase the
-    scores of the run's own model (which the model card and ``/info`` show: :func:`scores_of`)."""
+    (``models``, more than one for an ensemble: their paths, and their contents' SHA-256 in
+    ``checkpoints``), the decoding settings of ``opts`` and the time. An entry for the same
+    split, checkpoints and settings is replaced; the others stay, so that evaluating an
+    ensemble, another beam or one split does not erase the scores of the run's own model
+    (which the model card and ``/info`` show: :func:`scores_of`). Evaluations that finish
+    at once take turns (a lock beside the report)."""
     def key(entry: dict) -> str:
-        return json.dumps([entry["split"], entry["models"], entry["decode"]], sort_keys=True)
+        return json.dumps([entry.get("split"), entry.get("checkpoints"), entry.get("decode")], sort_keys=True)
 
     decode = {k: getattr(opts, k) for k in DECODE_KEYS}
-    names = [str(Path(m).resolve()) for m in models]
-    entries = [{**asdict(r), "models": names, "decode": decode, "time": time.time()} for r in rows]
+    paths = [str(Path(m).resolve()) for m in models]
+    digests = [content_digest(Path(m)) for m in models]
+    entries = [{**asdict(r), "models": paths, "checkpoints": digests, "decode": decode, "time": time.time()}
+               for r in rows]
     replaced = {key(e) for e in entries}
-    kept = [e for e in read_report(path) if key(e) not in replaced]
-    text = json.dumps(kept + entries, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        kept = [e for e in _entries(path) if not (isinstance(e, dict) and key(e) in replaced)]
+        text = json.dumps(kept + entries, indent=2) + "\n"
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def read_report(path: Path) -> list[dict]:
-    """The entries of a report; none if it is missing or unreadable. Entries without their
-    checkpoints and settings (written before nmt recorded them) are left out."""
+def _entries(path: Path) -> list:
+    """Whatever list the report holds (entries of older versions of nmt included)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    if not isinstance(data, list):
-        return []
-    return [e for e in data if isinstance(e, dict) and isinstance(e.get("split"), str)
-            and isinstance(e.get("models"), list) and isinstance(e.get("decode"), dict)]
+    return data if isinstance(data, list) else []
+
+
+def read_report(path: Path) -> list[dict]:
+    """The report's entries that name their checkpoints and settings; none if it is missing
+    or unreadable. (Entries that nmt wrote before it recorded them are kept in the file but
+    left out here.)"""
+    return [e for e in _entries(path) if isinstance(e, dict) and isinstance(e.get("split"), str)
+            and isinstance(e.get("checkpoints"), list) and isinstance(e.get("decode"), dict)]
 
 
 def scores_of(path: Path, checkpoint: Path, opts) -> list[dict]:
-    """The report's entries for ``checkpoint`` alone, with the decoding settings of
-    ``opts``, written after the checkpoint was (a newer best.pt has not been evaluated)."""
-    checkpoint = Path(checkpoint).resolve()
+    """The report's entries for ``checkpoint`` alone (by content: the run folder may have
+    moved, and a newer best.pt is another checkpoint), with the decoding settings of ``opts``."""
     try:
-        written = checkpoint.stat().st_mtime
+        digest = content_digest(Path(checkpoint))
     except OSError:
         return []
     decode = {k: getattr(opts, k) for k in DECODE_KEYS}
-    return [e for e in read_report(path) if e["models"] == [str(checkpoint)] and e["decode"] == decode
-            and isinstance(e.get("time"), (int, float)) and e["time"] >= written]
+    return [e for e in read_report(path) if e["checkpoints"] == [digest] and e["decode"] == decode]
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint file, or of an exported model folder's files (names and contents)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -262,7 +262,7 @@ def _evaluation(run_dir: Path, checkpoint: Path, recipe) -> list[str]:
     rows = scores_of(report, checkpoint, SearchOptions.from_recipe(recipe.decode))
     if not rows:
         return [f"Not evaluated: {report} has no scores of this checkpoint alone with the recipe's decoding "
-                f"settings since it was written; run `nmt evaluate --model {checkpoint}`, then export again."]
+                f"settings; run `nmt evaluate --model {checkpoint}`, then export again."]
     try:
         lines = [
             "sacreBLEU on detokenized output against the raw references (`nmt evaluate`, the recipe's "

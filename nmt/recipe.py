@@ -198,10 +198,12 @@ def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> 
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"expected a number, got {value!r}")
-        value = float(value)
+        value = float(value)  # (a plain float, also from a _Scientific)
         if value != value or value in (float("inf"), float("-inf")):
             fail(f"expected a finite number, got {value!r}")
     elif tp is str:
+        if isinstance(value, _Scientific):
+            value = value.text
         if not isinstance(value, str):
             fail(f"expected a string, got {value!r}")
     elif tp is list:
@@ -209,6 +211,7 @@ def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> 
             fail(f"expected a list, got {value!r}")
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
             fail(f"expected a list of plain values, got {value!r}")
+        value = [float(v) if isinstance(v, _Scientific) else v for v in value]
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         fail(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
@@ -235,7 +238,8 @@ def _build(cls, raw: Any, prefix: str, where: str, overridden: frozenset = froze
             dotted = f"{prefix}{key}"
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-            raise RecipeError(f"{where}: unknown key '{dotted}'{hint}")
+            source = f"--set {dotted}" if dotted in overridden else where
+            raise RecipeError(f"{source}: unknown key '{dotted}'{hint}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -279,8 +283,6 @@ def _check_cross(obj, where: str, overridden: frozenset) -> None:
         if obj.average_best > obj.keep_best:
             fail("train.average_best", f"cannot exceed train.keep_best ({obj.keep_best}), the checkpoints kept")
     if isinstance(obj, Recipe):
-        if obj.name and ("/" in obj.name or "\\" in obj.name or obj.name.startswith(".")):
-            fail("name", f"{obj.name!r} is not a folder name (no '/', no leading '.'): it names runs/<name>/")
         if obj.model.tie_all and not obj.tokenizer.joint:
             fail("model.tie_all", "needs a joint vocabulary (tokenizer.joint: true)")
         if (obj.model.tie_output or obj.model.tie_all) and obj.model.out_dim != obj.model.emb_dim:
@@ -313,11 +315,25 @@ class _Loader(yaml.SafeLoader):
     (YAML 1.1 wants a dot in the mantissa: 1.0e-3); they were strings before."""
 
 
+class _Scientific(float):
+    """A number written like 1e-3, with its text: a key that takes a string gets the text
+    (``valid_split: 2e1`` stays the split "2e1")."""
+
+    text = ""
+
+
+def _scientific(loader, node) -> _Scientific:
+    value = _Scientific(loader.construct_scalar(node).replace("_", ""))
+    value.text = node.value
+    return value
+
+
+_SCIENTIFIC = "tag:nmt,2026:scientific"
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
+    _SCIENTIFIC, re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."),
 )
+_Loader.add_constructor(_SCIENTIFIC, _scientific)
 
 
 def _safe_yaml(text: str, where: str) -> Any:
@@ -330,6 +346,8 @@ def _safe_yaml(text: str, where: str) -> Any:
         keys = set()
         for key_node, _ in node.value:
             key = key_node.value
+            if not isinstance(key, str):  # a list or mapping as a key: PyYAML's own error says so
+                continue
             if key in keys:
                 raise RecipeError(f"{where}: line {key_node.start_mark.line + 1}: key {key!r} given twice")
             keys.add(key)

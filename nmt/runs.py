@@ -29,7 +29,12 @@ def runs_root() -> Path:
 
 
 def default_run_dir(recipe) -> Path:
-    return runs_root() / recipe.name
+    """runs/<recipe name>; a name that is not one folder's is an error (use --run-dir)."""
+    name = recipe.name
+    if "/" in name or "\\" in name or name.startswith(".") or not name.strip():
+        raise RunError(f"recipe name {name!r} is not a folder name (no '/', no leading '.'), so it cannot "
+                       "name runs/<name>/: change the recipe's name or give --run-dir")
+    return runs_root() / name
 
 
 def data_dir_of(run_dir: Path) -> Path:

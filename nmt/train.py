@@ -404,6 +404,12 @@ def _evaluate_best(best_path: Path, run_dir: Path, dev) -> None:
     translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode), dev)
     data = data_dir_of(run_dir)
     pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in splits]
+    empty = [s for s, src, _ in pairs if src.stat().st_size == 0]  # (data preprocessed before they were skipped)
+    for split in empty:
+        log(f"warning: test split '{split}' is empty; not evaluated")
+    pairs = [p for p in pairs if p[0] not in empty]
+    if not pairs:
+        return
     rows = evaluate_pairs(translator, pairs, run_dir / "eval", models=[best_path])
     print(format_table(rows))
 

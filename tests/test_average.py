@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -85,10 +86,12 @@ def test_checkpoints_of_different_models_are_refused(two_steps, tmp_path):
     (["."], "no checkpoints/step-N.pt in this run folder"),
     (["one.pt"], "one.pt: one checkpoint; averaging needs at least 2"),
     (["one.pt", "./one.pt"], "one.pt: given twice (as one.pt); each checkpoint counts once"),
+    (["one.pt", "link.pt"], "link.pt: given twice (as one.pt); each checkpoint counts once"),
 ])
 def test_bad_inputs_are_one_line(two_steps, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     shutil.copy(two_steps[1], tmp_path / "one.pt")
+    os.link(tmp_path / "one.pt", tmp_path / "link.pt")  # as best.pt is to its step-N.pt
     result = runner.invoke(app, ["average", *args, "-o", "out.pt"])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out.pt").exists()

@@ -41,20 +41,26 @@ def test_report_keeps_each_models_and_settings_scores(trained_run, tmp_path):
 
     run = shutil.copytree(trained_run, tmp_path / "run")
     report = run / "eval" / "report.json"
+    report.parent.mkdir(exist_ok=True)
     report.write_text(json.dumps([{"split": "test", "bleu": 1.0}]))  # without models and settings: ignored
     assert read_report(report) == []
     for args in (["-b", "1"], [], ["-m", str(run)], []):
         result = runner.invoke(app, ["evaluate", "-m", str(run), *args])
         assert result.exit_code == 0, result.output
-    entries = json.loads(report.read_text())
+    entries = json.loads(report.read_text())[1:]
     best = str((run / "checkpoints" / "best.pt").resolve())
     assert [(e["models"], e["decode"]["beam_size"]) for e in entries] == [([best], 1), ([best, best], 2), ([best], 2)]
+    entries = json.loads(report.read_text())
+    assert json.loads(report.read_text())[0] == {"split": "test", "bleu": 1.0}  # kept in the file
     recipe = SearchOptions(beam_size=2)
     mine = scores_of(report, run / "checkpoints" / "best.pt", recipe)
-    assert mine == entries[2:]
+    assert mine == entries[3:]
     assert scores_of(report, run / "checkpoints" / "best.pt", SearchOptions(beam_size=3)) == []
-    (run / "checkpoints" / "best.pt").touch()  # rewritten after its evaluation
-    assert scores_of(report, run / "checkpoints" / "best.pt", recipe) == []
+    moved = shutil.move(run, tmp_path / "moved")  # found by content, wherever the run folder is
+    assert scores_of(moved / "eval" / "report.json", moved / "checkpoints" / "best.pt", recipe) == mine
+    (moved / "checkpoints" / "best.pt").unlink()  # a newer best checkpoint: not evaluated yet
+    shutil.copy(moved / "checkpoints" / "last.pt", moved / "checkpoints" / "best.pt")
+    assert scores_of(moved / "eval" / "report.json", moved / "checkpoints" / "best.pt", recipe) == []
 
 
 def test_validation_bleu_does_not_warn_about_tokenized_periods(caplog):
@@ -74,6 +80,20 @@ def test_split_and_src_exclude_each_other(trained_run, tmp_path):
     result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(src), "--ref", str(src),
                                  "--split", "test"])
     assert result.exit_code == 2 and "give one or the other" in result.output
+
+
+def test_evaluations_finishing_at_once_all_reach_the_report(tmp_path):
+    code = ("import sys; from pathlib import Path; from nmt.evaluate import add_to_report, score\n"
+            "from nmt.translate import SearchOptions\n"
+            "for i in range(10):\n"
+            "    add_to_report(Path(sys.argv[1]), [score(f'{sys.argv[2]}-{i}', ['a'], ['a'])], [Path(sys.argv[3])],"
+            " SearchOptions())\n")
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    report = tmp_path / "eval" / "report.json"
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(report), str(k), str(model)]) for k in range(4)]
+    assert all(w.wait(timeout=120) == 0 for w in workers)
+    assert len(json.loads(report.read_text())) == 40
 
 
 def test_evaluate_empty_files_is_an_error(trained_run, tmp_path):
@@ -114,3 +134,18 @@ def test_evaluate_errors(trained_run, tmp_path):
 def test_score_table_fields():
     row = score("x", ["a b c d"], ["a b c d"])
     assert row.bleu == 100.0 and row.ter == 0.0 and row.bleu_signature.startswith("nrefs:1")
+
+
+def test_end_of_training_evaluation_skips_an_empty_test_split(trained_run, tmp_path, capsys):
+    """Data preprocessed before empty test splits were skipped may hold one."""
+    import shutil
+
+    import torch
+
+    from nmt.train import _evaluate_best
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    for side in ("src", "trg"):
+        (run / "data" / f"test.{side}.txt").write_text("")
+    _evaluate_best(run / "checkpoints" / "best.pt", run, torch.device("cpu"))
+    assert "warning: test split 'test' is empty; not evaluated" in capsys.readouterr().err

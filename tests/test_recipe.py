@@ -56,7 +56,7 @@ BAD = [
     ("data:\n  test_splits: [train]\n", "key 'data.test_splits': 'train' is a duplicate or not usable"),
     ("data:\n  test_splits: [../x]\n", "key 'data.test_splits': '../x' is a duplicate or not usable"),
     ("data:\n  test_splits: [2016]\n", "key 'data.test_splits': 2016 is a duplicate or not usable"),
-    ("name: ../../elsewhere\n", "key 'name': '../../elsewhere' is not a folder name"),
+    ("{[1, 2]: x}\n", "not valid YAML: found unhashable key"),
     ("train:\n  lr: 0.1\nmodel:\n  cell: fused\ntrain:\n  lr: 0.2\n", "line 5: key 'train' given twice"),
     ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: key 'lr' given twice"),
     ("", "recipe is empty"),
@@ -102,6 +102,9 @@ def test_not_utf8_and_missing_file(tmp_path):
         ("train.lr=5E-4", lambda r: r.train.lr == 0.0005),
         ("train.max_steps=1e3", lambda r: r.train.max_steps == 1000 and isinstance(r.train.max_steps, int)),
         ("name=1e3x", lambda r: r.name == "1e3x"),
+        ("name=1e3", lambda r: r.name == "1e3"),  # a string key keeps the text
+        ("data.valid_split=2E1", lambda r: r.data.valid_split == "2E1"),
+        ("train.adam_betas=[9e-1, 0.98]", lambda r: r.train.adam_betas == [0.9, 0.98]),
     ],
 )
 def test_overrides_are_typed(tmp_path, override, check):
@@ -113,7 +116,7 @@ def test_overrides_are_typed(tmp_path, override, check):
     [
         ("train.lr=abc", "^--set train.lr: expected a number"),
         ("train.adam_betas=[2,3]", "^--set train.adam_betas: expected"),
-        ("train.lrr=0.1", "did you mean 'train.lr'"),
+        ("train.lrr=0.1", "^--set train.lrr: unknown key 'train.lrr'; did you mean 'train.lr'"),
         ("train.lr", "expected key=value"),
         ("seed.x=1", "'seed' is not a section"),
     ],
@@ -121,6 +124,16 @@ def test_overrides_are_typed(tmp_path, override, check):
 def test_bad_overrides(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, "seed: 1\n"), [override])
+
+
+def test_a_name_that_is_not_a_folder_name_needs_a_run_dir(tmp_path):
+    from nmt.runs import RunError, default_run_dir
+
+    recipe = load_recipe(write(tmp_path, "name: ../../elsewhere\n"))  # a stored recipe may have one
+    with pytest.raises(RunError, match="recipe name '../../elsewhere' is not a folder name.*--run-dir"):
+        default_run_dir(recipe)
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1 and "is not a folder name" in result.output and "Traceback" not in result.output
 
 
 def test_scientific_notation_reads_as_a_number(tmp_path):
