@@ -100,8 +100,10 @@ def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Pat
     return rows
 
 
-# What decides a translation's text among the search options (not the batch size or n-best).
-DECODE_KEYS = ("beam_size", "length_penalty", "length_norm", "max_len_a", "max_len_b", "precision")
+def decode_settings(opts) -> dict:
+    """What decides a translation's text among search options (not the batch size or n-best)."""
+    keys = ("beam_size", "length_penalty", "length_norm", "max_len_a", "max_len_b", "precision")
+    return {k: getattr(opts, k) for k in keys}
 
 
 def add_to_report(path: Path, rows: list[Scores], models: list[Path], opts) -> None:
@@ -115,7 +117,7 @@ def add_to_report(path: Path, rows: list[Scores], models: list[Path], opts) -> N
     def key(entry: dict) -> str:
         return json.dumps([entry.get("split"), entry.get("checkpoints"), entry.get("decode")], sort_keys=True)
 
-    decode = {k: getattr(opts, k) for k in DECODE_KEYS}
+    decode = decode_settings(opts)
     paths = [str(Path(m).resolve()) for m in models]
     digests = [content_digest(Path(m)) for m in models]
     entries = [{**asdict(r), "models": paths, "checkpoints": digests, "decode": decode, "time": time.time()}
@@ -153,7 +155,7 @@ def scores_of(path: Path, checkpoint: Path, opts) -> list[dict]:
         digest = content_digest(Path(checkpoint))
     except OSError:
         return []
-    decode = {k: getattr(opts, k) for k in DECODE_KEYS}
+    decode = decode_settings(opts)
     return [e for e in read_report(path) if e["checkpoints"] == [digest] and e["decode"] == decode]
 
 
