@@ -8,9 +8,11 @@ reported beside it for comparison with older papers.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,9 +71,15 @@ def format_table(rows: list[Scores]) -> str:
 
 
 def read_text(path: Path) -> list[str]:
-    """Lines of a text file, invalid UTF-8 replaced, line ends stripped."""
+    """Lines of a text file, gzipped or not (as the corpora are), invalid UTF-8 replaced,
+    line ends stripped."""
     with open(path, "rb") as f:
-        return [raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace") for raw in f]
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            return [raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace") for raw in f]
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: unreadable gzip file ({e})") from None
 
 
 def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Path | None,

@@ -48,6 +48,7 @@ def export_model(model: Path, out_dir: Path, *, force: bool = False) -> Path:
     _check_destination(out_dir, checkpoint, force)
     loaded = load_model(checkpoint)
     payload = loaded.payload
+    scores = _test_scores(run_dir_of(checkpoint), checkpoint, loaded.recipe)
     joint = payload["src_spm"] == payload["trg_spm"]
     spm = {"src": "spm.model", "trg": "spm.model"} if joint else {"src": "spm.src.model", "trg": "spm.trg.model"}
     meta = {
@@ -58,6 +59,7 @@ def export_model(model: Path, out_dir: Path, *, force: bool = False) -> Path:
         "step": payload.get("step"),
         "epoch": payload.get("epoch"),
         "metrics": payload.get("metrics", {}),
+        "test_scores": scores,  # what the card shows, and `nmt serve`'s /info from this folder
         "versions": payload.get("versions", {}),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -254,12 +256,17 @@ def _training_time(run_dir: Path) -> list[str]:
             "last line of the metrics log; validation included)"]
 
 
-def _evaluation(run_dir: Path, checkpoint: Path, recipe) -> list[str]:
+def _test_scores(run_dir: Path, checkpoint: Path, recipe) -> list[dict]:
+    """The run's test scores of this checkpoint alone with the recipe's decoding settings."""
     from nmt.evaluate import scores_of
     from nmt.translate import SearchOptions
 
+    return scores_of(run_dir / "eval" / "report.json", checkpoint, SearchOptions.from_recipe(recipe.decode))
+
+
+def _evaluation(run_dir: Path, checkpoint: Path, recipe) -> list[str]:
     report = run_dir / "eval" / "report.json"
-    rows = scores_of(report, checkpoint, SearchOptions.from_recipe(recipe.decode))
+    rows = _test_scores(run_dir, checkpoint, recipe)
     if not rows:
         return [f"Not evaluated: {report} has no scores of this checkpoint alone with the recipe's decoding "
                 f"settings; run `nmt evaluate --model {checkpoint}`, then export again."]

@@ -146,7 +146,7 @@ def model_info(loaded, translator: Translator, limits: ServeLimits) -> dict:
         "src_lang": recipe.data.src_lang,
         "trg_lang": recipe.data.trg_lang,
         "step": payload.get("step"),
-        "scores": {"validation": payload.get("metrics") or {}, "test": _test_scores(path, translator.opts)},
+        "scores": {"validation": payload.get("metrics") or {}, "test": _test_scores(path, payload, translator.opts)},
         "max_src_len": translator.max_src_len,
         "decode": {k: v for k, v in asdict(translator.opts).items() if k not in ("nbest", "batch_size")},
         "limits": {**asdict(limits), "max_body_bytes": limits.max_body_bytes, "max_beam": MAX_BEAM},
@@ -166,14 +166,18 @@ def _json_safe(value):
     return value
 
 
-def _test_scores(path: Path | None, opts: SearchOptions) -> list:
+def _test_scores(path: Path | None, payload: dict, opts: SearchOptions) -> list:
     """Test scores that `nmt evaluate` wrote for this checkpoint alone with the settings the
-    server decodes with, if any (:func:`nmt.evaluate.scores_of`)."""
-    if path is None:
-        return []
-    from nmt.evaluate import scores_of
+    server decodes with, if any (:func:`nmt.evaluate.scores_of`); for an exported folder,
+    those it was exported with (its model card's)."""
+    from nmt.evaluate import decode_settings, scores_of
     from nmt.runs import run_dir_of
 
+    if path is None:
+        return []
+    if path.is_dir():
+        decode = decode_settings(opts)
+        return [e for e in payload.get("test_scores") or [] if isinstance(e, dict) and e.get("decode") == decode]
     return scores_of(run_dir_of(path) / "eval" / "report.json", path, opts)
 
 

@@ -59,6 +59,12 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     saved_step: int = -1  # the update checkpoints/last.pt holds
 
+    @property
+    def update_epoch(self) -> int:
+        """The epoch (1-based) of the last update: the one just completed at an epoch's end,
+        when ``epoch`` has already moved on to the next."""
+        return self.epoch + 1 if self.batches_in_epoch or not self.epoch else self.epoch
+
     def restore(self, progress: dict, accum_steps: int) -> None:
         progress = dict(progress)
         if "group_in_epoch" in progress:  # written by one process before batches_in_epoch
@@ -178,7 +184,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             "max_src_len": max_src_len,
             "recipe": recipe.to_dict(),
             "step": state.step,
-            "epoch": state.epoch,
+            "epoch": state.update_epoch - 1,  # 0-based
             "metrics": scores,
         }
         if with_train_state:
@@ -226,7 +232,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
         keep_best(ckpts, state, bleu, cfg.keep_best, lambda path: save(path, payload(False, scores)))
         # The log first: if killed before last.pt is written, the resumed run drops this
         # record and writes it again, so each step is logged once.
-        metrics.write(kind="valid", step=state.step, epoch=state.epoch + 1, **scores,
+        metrics.write(kind="valid", step=state.step, epoch=state.update_epoch, **scores,
                       best_bleu=state.best[0][0], lr=schedule.lr)
         save_last(ckpts, state, lambda: payload(True, scores))
         log(f"valid | update {state.step} | loss {loss:.3f} | ppl {scores['valid_ppl']:.2f} | "
@@ -282,7 +288,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                     avg = loss_sum / max(tokens, 1)
                     tps = tokens / max(elapsed, 1e-9)
                     if world.is_main:
-                        metrics.write(kind="train", step=state.step, epoch=state.epoch + 1, loss=avg, lr=lr,
+                        metrics.write(kind="train", step=state.step, epoch=state.update_epoch, loss=avg, lr=lr,
                                       trg_tokens_per_s=tps, src_tokens_per_s=src_tokens / max(elapsed, 1e-9))
                     bar.set_postfix_str(f"ep {state.epoch + 1} loss {avg:.3f} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
                     window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}

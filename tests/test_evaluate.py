@@ -96,6 +96,25 @@ def test_evaluations_finishing_at_once_all_reach_the_report(tmp_path):
     assert len(json.loads(report.read_text())) == 40
 
 
+def test_evaluate_reads_gzipped_files_as_the_corpora_are(trained_run, tmp_path):
+    import gzip
+
+    plain, packed = [], []
+    for name, text in (("s", "w1 w2\nw3\n"), ("r", "v1 v2\nv3\n")):
+        (tmp_path / f"{name}.txt").write_text(text)
+        (tmp_path / f"{name}.txt.gz").write_bytes(gzip.compress(text.encode()))
+        plain.append(str(tmp_path / f"{name}.txt"))
+        packed.append(str(tmp_path / f"{name}.txt.gz"))
+    results = [runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", src, "--ref", ref, "-b", "1"])
+               for src, ref in (plain, packed)]
+    assert all(r.exit_code == 0 for r in results), results[1].output
+    assert results[0].stdout.split()[7:12] == results[1].stdout.split()[7:12]  # sentences and scores
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 20)
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_run), "--src", str(tmp_path / "bad.gz"),
+                                 "--ref", plain[1]])
+    assert result.exit_code == 1 and "bad.gz: unreadable gzip file" in result.output
+
+
 def test_evaluate_empty_files_is_an_error(trained_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

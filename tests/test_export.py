@@ -109,6 +109,8 @@ def test_model_card_reports_data_model_training_and_evaluation(trained_run, tmp_
     assert len(entries) == 3
     report = entries[0]
     assert report["decode"]["beam_size"] == 2 and len(report["models"]) == 1
+    meta = json.loads((tmp_path / "after" / "model.json").read_text())
+    assert meta["test_scores"] == [report]  # what `nmt serve` shows from the exported folder
     for expected in ("# toy: xx -> yy translation model", "## Data", "training pairs: 600", "## Model",
                      "parameters; cell: fused", "## Training", "trained for 300 updates",
                      f"| test | 40 | {report['bleu']:.2f} |", report["bleu_signature"], report["chrf_signature"],

@@ -208,6 +208,23 @@ def test_info_has_test_scores_from_evaluate_and_only_finite_numbers(loaded, tmp_
     assert info["scores"]["validation"] == {"valid_loss": None, "valid_ppl": None, "valid_bleu": 0.0}
 
 
+def test_info_of_an_exported_model_has_the_scores_it_was_exported_with(loaded, tmp_path):
+    from nmt.export import export_model, load_exported
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    best = run / "checkpoints" / "best.pt"
+    import shutil
+
+    shutil.copy(loaded.path, best)
+    add_to_report(run / "eval" / "report.json", [score("test", ["v1 v2 v3 v4 v5"], ["v1 v2 v3 v4 v5"])], [best],
+                  SearchOptions.from_recipe(loaded.recipe.decode))
+    export_model(run, tmp_path / "exported")
+    with TestClient(create_app(load_exported(tmp_path / "exported"), LIMITS)) as c:
+        info = c.get("/info").json()
+    assert [(s["split"], s["bleu"]) for s in info["scores"]["test"]] == [("test", 100.0)]
+
+
 def test_after_shutdown_health_and_translate_are_503(loaded):
     api = create_app(loaded, LIMITS)
     with TestClient(api) as c:

@@ -42,6 +42,19 @@ def test_learns_toy_task_and_writes_run_folder(tmp_path, capsys):
     assert (run / "eval" / "test.hyp").is_file()
 
 
+def test_records_and_checkpoints_name_the_epoch_of_their_last_update(tmp_path):
+    """A validation at an epoch's end belongs to the epoch just trained, not the next."""
+    recipe = make_recipe(tmp_path, steps=0, extra=["train.max_epochs=2", "train.log_every=1"])
+    train(recipe, tmp_path / "run", device="cpu", evaluate_at_end=False)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["kind"] == "valid"]
+    epoch_ends = [max(r["step"] for r in records if r["kind"] == "train" and r["epoch"] == e) for e in (1, 2)]
+    assert [(r["step"], r["epoch"]) for r in valid] == [(epoch_ends[0], 1), (epoch_ends[1], 2)]
+    assert {r["epoch"] for r in records} == {1, 2}
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1  # 0-based: the second epoch
+
+
 def test_lstm_learns_toy_task(tmp_path):
     """model.cell: lstm trains, validates, checkpoints and translates like the GRUs."""
     from toy import train_toy
