@@ -248,7 +248,6 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     # The loop.
     model.train()
     stop = StopRequest()
-    interrupted = False
     batches_per_epoch = len(token_batches(train_set.src_lengths, train_set.trg_lengths,
                                           batch_tokens=cfg.batch_tokens, seed=recipe.seed, epoch=0,
                                           rank=world.rank, world_size=world.world_size))
@@ -259,8 +258,11 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
     total = min(x for x in (cfg.max_steps or math.inf, (cfg.max_epochs or math.inf) * updates_per_epoch))
     bar = tqdm(total=None if math.isinf(total) else int(total), initial=state.step, unit="upd",
                file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None if world.is_main else True)
-    window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
-    with stop:
+
+    def train_loop() -> bool:
+        """Updates and validations until finished; True if a signal stopped them."""
+        interrupted = False
+        window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "time": time.perf_counter()}
         while not finished() and not interrupted:
             batches = token_batches(train_set.src_lengths, train_set.trg_lengths, batch_tokens=cfg.batch_tokens,
                                     seed=recipe.seed, epoch=state.epoch, rank=world.rank,
@@ -307,6 +309,18 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
                 state.batches_in_epoch = 0
                 if state.last_valid_step != state.step:
                     validate()
+                interrupted = world.any(stop.requested)  # (as after every update)
+        return interrupted
+
+    with stop:
+        try:
+            interrupted = train_loop()
+        except RuntimeError:  # (torch.distributed's errors are RuntimeErrors)
+            # A signal reaches every rank, and one that stops first closes its connections:
+            # a collective failing after a signal means another rank has stopped.
+            if not (world.enabled and stop.requested):
+                raise
+            interrupted = True
     bar.close()
     if interrupted and world.is_main:
         save_last(ckpts, state, lambda: payload(True, {}))
