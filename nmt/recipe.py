@@ -111,7 +111,10 @@ class TrainConfig:
     )
     warmup_steps: int = _f(0, "linear warm-up updates", min=0)
     plateau_factor: float = _f(0.5, "plateau: multiply lr by this when BLEU stalls", min=0.0, max=1.0, min_open=True)
-    plateau_patience: int = _f(2, "plateau: validations without improvement before decay", min=0)
+    plateau_patience: int = _f(
+        2, "plateau: validations without improvement tolerated; the next one decays the lr (as ReduceLROnPlateau)",
+        min=0,
+    )
     min_lr: float = _f(1e-6, "plateau: stop decaying below this", min=0.0)
     label_smoothing: float = _f(0.1, "label smoothing", min=0.0, max=0.99)
     clip_norm: float = _f(1.0, "gradient-norm clipping (0: off)", min=0.0)
