@@ -18,7 +18,10 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from nmt.checkpoint import atomic_write
+from nmt.checkpoint import atomic_write, load_model
+from nmt.runs import data_dir_of, test_splits_of
+from nmt.train_utils import log
+from nmt.translate import SearchOptions, Translator
 
 
 @dataclass
@@ -106,6 +109,26 @@ def evaluate_pairs(translator, pairs: list[tuple[str, Path, Path]], out_dir: Pat
     if out_dir is not None:
         add_to_report(out_dir / "report.json", rows, models, translator.opts)
     return rows
+
+
+def evaluate_run(best_path: Path, run_dir: Path, dev) -> None:
+    """Evaluate a run's best checkpoint on its test splits with the recipe's decoding
+    settings (what `nmt train` does at its end), and print the table."""
+    splits = test_splits_of(run_dir)
+    if not splits:
+        return
+    loaded = load_model(best_path, dev)
+    translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode), dev)
+    data = data_dir_of(run_dir)
+    pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in splits]
+    empty = [s for s, src, _ in pairs if src.stat().st_size == 0]  # (data preprocessed before they were skipped)
+    for split in empty:
+        log(f"warning: test split '{split}' is empty; not evaluated")
+    pairs = [p for p in pairs if p[0] not in empty]
+    if not pairs:
+        return
+    rows = evaluate_pairs(translator, pairs, run_dir / "eval", models=[best_path])
+    print(format_table(rows))
 
 
 def decode_settings(opts) -> dict:

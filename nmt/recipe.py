@@ -18,11 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message is one line naming the file and key."""
+from nmt.recipe_file import RecipeError, Scientific, read_yaml, yaml_value
 
 
 def _f(default, help: str, *, min=None, max=None, choices=None, min_open: bool = False):
@@ -201,11 +197,11 @@ def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> 
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"expected a number, got {value!r}")
-        value = float(value)  # (a plain float, also from a _Scientific)
+        value = float(value)  # (a plain float, also from a Scientific)
         if value != value or value in (float("inf"), float("-inf")):
             fail(f"expected a finite number, got {value!r}")
     elif tp is str:
-        if isinstance(value, _Scientific):
+        if isinstance(value, Scientific):
             value = value.text
         if not isinstance(value, str):
             fail(f"expected a string, got {value!r}")
@@ -214,7 +210,7 @@ def _check_value(value: Any, f: dataclasses.Field, tp, key: str, where: str) -> 
             fail(f"expected a list, got {value!r}")
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
             fail(f"expected a list of plain values, got {value!r}")
-        value = [float(v) if isinstance(v, _Scientific) else v for v in value]
+        value = [float(v) if isinstance(v, Scientific) else v for v in value]
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         fail(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
@@ -297,10 +293,7 @@ def _apply_override(raw: dict, override: str, where: str) -> None:
         raise RecipeError(f"{where}: --set {override!r}: expected key=value, e.g. train.lr=0.0005")
     key, _, text = override.partition("=")
     key = key.strip()
-    try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else ""  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError:
-        value = text
+    value = yaml_value(text)
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -313,91 +306,11 @@ def _apply_override(raw: dict, override: str, where: str) -> None:
     node[parts[-1]] = value
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading 1e-3 and 5E+4 as numbers, as YAML 1.2 and JSON do
-    (YAML 1.1 wants a dot in the mantissa: 1.0e-3); they were strings before."""
-
-
-class _Scientific(float):
-    """A number written like 1e-3, with its text: a key that takes a string gets the text
-    (``valid_split: 2e1`` stays the split "2e1")."""
-
-    text = ""
-
-
-def _scientific(loader, node) -> _Scientific:
-    value = _Scientific(loader.construct_scalar(node).replace("_", ""))
-    value.text = node.value
-    return value
-
-
-_SCIENTIFIC = "tag:nmt,2026:scientific"
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    _SCIENTIFIC, re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."),
-)
-_Loader.add_constructor(_SCIENTIFIC, _scientific)
-
-
-def _safe_yaml(text: str, where: str) -> Any:
-    class _Guarded(_Loader):
-        pass
-
-    aliases = 0
-
-    def construct_mapping(self, node, deep=False):
-        keys = set()
-        for key_node, _ in node.value:
-            key = key_node.value
-            if not isinstance(key, str):  # a list or mapping as a key: PyYAML's own error says so
-                continue
-            if key in keys:
-                raise RecipeError(f"{where}: line {key_node.start_mark.line + 1}: key {key!r} given twice")
-            keys.add(key)
-        return yaml.SafeLoader.construct_mapping(self, node, deep)
-
-    def compose_node(self, parent, index):
-        nonlocal aliases
-        if self.check_event(yaml.events.AliasEvent):
-            aliases += 1
-            if aliases > 20:
-                raise RecipeError(f"{where}: too many YAML aliases (a recipe needs none)")
-        if getattr(self, "_depth", 0) > 20:
-            raise RecipeError(f"{where}: YAML nested too deeply")
-        self._depth = getattr(self, "_depth", 0) + 1
-        try:
-            return yaml.SafeLoader.compose_node(self, parent, index)
-        finally:
-            self._depth -= 1
-
-    _Guarded.compose_node = compose_node
-    _Guarded.construct_mapping = construct_mapping
-    try:
-        return yaml.load(text, Loader=_Guarded)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{where}:{line}: not valid YAML: {problem}") from None
-
-
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
     where = str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RecipeError(f"{where}: recipe file not found") from None
-    except OSError as e:
-        raise RecipeError(f"{where}: cannot read recipe: {e.strerror}") from None
-    if len(data) > 1_000_000:
-        raise RecipeError(f"{where}: recipe file is larger than 1 MB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{where}: not a UTF-8 text file") from None
-    raw = _safe_yaml(text, where)
+    raw = read_yaml(path)
     if raw is None:
         raise RecipeError(f"{where}: recipe is empty")
     if not isinstance(raw, dict):

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from nmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nmt.recipe import RecipeError, load_recipe
+from nmt.runs import checkpoint_dir
 from nmt.train_utils import MetricsLog, TrainError, link_or_copy, log
 
 if TYPE_CHECKING:
@@ -118,3 +120,20 @@ def resume(ckpts: Path, model, optimizer, schedule, state: TrainState, dev) -> P
     if ts["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ts["cuda_rng"]])
     return last
+
+
+def check_resumable(recipe, run_dir: Path) -> None:
+    """Refuse, before anything in the run folder changes, a recipe whose tokenizer or model
+    differs from those of the checkpoints it would resume (:func:`resume` would find out
+    only after preprocessing had replaced the run's data)."""
+    ckpts, trained = checkpoint_dir(run_dir), Path(run_dir) / "recipe.yaml"
+    if not trained.is_file() or not any((ckpts / name).is_file() for name in ("last.pt", "prev.pt")):
+        return
+    try:
+        before = load_recipe(trained)
+    except RecipeError:
+        return  # resume() compares the checkpoint's model itself
+    changed = [s for s in ("tokenizer", "model") if before.section_hash(s) != recipe.section_hash(s)]
+    if changed:
+        raise TrainError(f"{run_dir} holds checkpoints of a run with another {' and '.join(changed)} section "
+                         f"({trained}); use --restart (or another --run-dir) to train this recipe")

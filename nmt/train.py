@@ -35,11 +35,12 @@ from nmt.data.preprocess import is_fresh, preprocess
 from nmt.data.tokenizer import load_tokenizers
 from nmt.distributed import Dist
 from nmt.distributed import setup as setup_distributed
-from nmt.evaluate import bleu_score, evaluate_pairs, format_table, read_text
+from nmt.evaluate import bleu_score, evaluate_run, read_text
 from nmt.model.build import build_model
-from nmt.recipe import Recipe, RecipeError, dump_recipe, load_recipe
-from nmt.runs import checkpoint_dir, data_dir_of, test_splits_of
-from nmt.run_checkpoints import average_best, keep_best, remove_partial_writes, resume, save, save_last
+from nmt.recipe import Recipe, dump_recipe
+from nmt.runs import checkpoint_dir, data_dir_of
+from nmt.run_checkpoints import (average_best, check_resumable, keep_best, remove_partial_writes, resume, save,
+                                  save_last)
 from nmt.train_utils import (LRSchedule, MetricsLog, RunLock, RunLockedError, StopRequest, TrainError, log,
                              keep_freed_memory, make_optimizer, precision_name, set_aside, setup_precision)
 from nmt.translate import SearchOptions, Translator
@@ -119,7 +120,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             if aside:
                 log(f"--restart: earlier checkpoints and logs moved to {aside}")
         else:
-            _check_resumable(recipe, run_dir)  # before preprocessing replaces the run's data
+            check_resumable(recipe, run_dir)  # before preprocessing replaces the run's data
         if not is_fresh(recipe, run_dir):
             preprocess(recipe, run_dir, data_dir=data_dir)
 
@@ -338,7 +339,7 @@ def _train_locked(recipe: Recipe, run_dir: Path, world: Dist, *, restart: bool, 
             valid_translator.translate_lines(valid_src), valid_ref), metrics)
     best_path = ckpts / "best.pt"
     if evaluate_at_end and not interrupted and world.is_main and best_path.is_file():
-        _evaluate_best(best_path, run_dir, dev)
+        evaluate_run(best_path, run_dir, dev)
     return TrainResult(run_dir=run_dir, steps=state.step,
                        best_bleu=state.best[0][0] if state.best else None,
                        best_checkpoint=best_path if best_path.is_file() else None,
@@ -382,23 +383,6 @@ def train_step(model, optimizer, batches: list[dict], cfg, dev, bf16: bool,
     return total / max(n_tok, 1), n_tok, n_src
 
 
-def _check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse, before anything in the run folder changes, a recipe whose tokenizer or model
-    differs from those of the checkpoints it would resume (:func:`nmt.run_checkpoints.resume`
-    would find out only after preprocessing had replaced the run's data)."""
-    ckpts, trained = checkpoint_dir(run_dir), Path(run_dir) / "recipe.yaml"
-    if not trained.is_file() or not any((ckpts / name).is_file() for name in ("last.pt", "prev.pt")):
-        return
-    try:
-        before = load_recipe(trained)
-    except RecipeError:
-        return  # resume() compares the checkpoint's model itself
-    changed = [s for s in ("tokenizer", "model") if before.section_hash(s) != recipe.section_hash(s)]
-    if changed:
-        raise TrainError(f"{run_dir} holds checkpoints of a run with another {' and '.join(changed)} section "
-                         f"({trained}); use --restart (or another --run-dir) to train this recipe")
-
-
 def _skip_nonfinite(state: TrainState, cfg, ckpts: Path) -> None:
     """Count a skipped update; too many in a row end training, keeping the last good checkpoint."""
     state.skipped += 1
@@ -411,25 +395,3 @@ def _skip_nonfinite(state: TrainState, cfg, ckpts: Path) -> None:
         raise TrainError(f"stopped: {state.nonfinite_in_a_row} updates in a row had a NaN or infinite loss or "
                          f"gradient (train.max_nonfinite); {kept}. Try a lower train.lr, train.clip_norm, "
                          "or train.precision fp32")
-
-
-def _evaluate_best(best_path: Path, run_dir: Path, dev) -> None:
-    """Evaluate the best checkpoint on the recipe's test splits and print the table."""
-    from nmt.checkpoint import load_model
-
-    splits = test_splits_of(run_dir)
-    if not splits:
-        return
-    loaded = load_model(best_path, dev)
-    translator = Translator(loaded, SearchOptions.from_recipe(loaded.recipe.decode), dev)
-    data = data_dir_of(run_dir)
-    pairs = [(s, data / f"{s}.src.txt", data / f"{s}.trg.txt") for s in splits]
-    empty = [s for s, src, _ in pairs if src.stat().st_size == 0]  # (data preprocessed before they were skipped)
-    for split in empty:
-        log(f"warning: test split '{split}' is empty; not evaluated")
-    pairs = [p for p in pairs if p[0] not in empty]
-    if not pairs:
-        return
-    rows = evaluate_pairs(translator, pairs, run_dir / "eval", models=[best_path])
-    print(format_table(rows))
-

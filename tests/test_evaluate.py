@@ -161,10 +161,10 @@ def test_end_of_training_evaluation_skips_an_empty_test_split(trained_run, tmp_p
 
     import torch
 
-    from nmt.train import _evaluate_best
+    from nmt.evaluate import evaluate_run
 
     run = shutil.copytree(trained_run, tmp_path / "run")
     for side in ("src", "trg"):
         (run / "data" / f"test.{side}.txt").write_text("")
-    _evaluate_best(run / "checkpoints" / "best.pt", run, torch.device("cpu"))
+    evaluate_run(run / "checkpoints" / "best.pt", run, torch.device("cpu"))
     assert "warning: test split 'test' is empty; not evaluated" in capsys.readouterr().err
