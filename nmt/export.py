@@ -71,7 +71,7 @@ def export_model(model: Path, out_dir: Path, *, force: bool = False) -> Path:
         (tmp / spm["trg"]).write_bytes(payload["trg_spm"])
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / RECIPE).write_text(dump_recipe(loaded.recipe), encoding="utf-8")
-        card = model_card(loaded, checkpoint, out_dir.name)
+        card = model_card(loaded, checkpoint, out_dir.name, scores)
         (tmp / CARD).write_text(card, encoding="utf-8")
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~_UMASK)
@@ -145,7 +145,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------- the model card
 
 
-def model_card(loaded: LoadedModel, checkpoint: Path, folder_name: str) -> str:
+def model_card(loaded: LoadedModel, checkpoint: Path, folder_name: str, test_scores: list[dict]) -> str:
     """README.md of an exported model: data, model, training, evaluation, use and limits."""
     r, payload = loaded.recipe, loaded.payload
     run_dir = run_dir_of(checkpoint)
@@ -211,7 +211,7 @@ def model_card(loaded: LoadedModel, checkpoint: Path, folder_name: str) -> str:
         "",
         "## Evaluation",
         "",
-        *_evaluation(run_dir, checkpoint, r),
+        *_evaluation(run_dir, checkpoint, test_scores),
         "",
         "## Intended use and limits",
         "",
@@ -264,9 +264,9 @@ def _test_scores(run_dir: Path, checkpoint: Path, recipe) -> list[dict]:
     return scores_of(run_dir / "eval" / "report.json", checkpoint, SearchOptions.from_recipe(recipe.decode))
 
 
-def _evaluation(run_dir: Path, checkpoint: Path, recipe) -> list[str]:
+def _evaluation(run_dir: Path, checkpoint: Path, rows: list[dict]) -> list[str]:
+    """The card's evaluation section from ``rows`` (:func:`_test_scores`)."""
     report = run_dir / "eval" / "report.json"
-    rows = _test_scores(run_dir, checkpoint, recipe)
     if not rows:
         return [f"Not evaluated: {report} has no scores of this checkpoint alone with the recipe's decoding "
                 f"settings; run `nmt evaluate --model {checkpoint}`, then export again."]
